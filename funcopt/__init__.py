@@ -1,0 +1,61 @@
+"""funcopt: functional, pure optimizers over pytrees for PyTorch (optax-style).
+
+An optimizer is a ``GradientTransformation(init, update)`` of pure functions over pytrees::
+
+    tx = funcopt.adam(1e-3)
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = funcopt.apply_updates(params, updates)
+"""
+
+from funcopt import nn as nn
+from funcopt import tree as tree
+from funcopt.base import EmptyState as EmptyState
+from funcopt.base import FuncoptError as FuncoptError
+from funcopt.base import GradientTransformation as GradientTransformation
+from funcopt.base import OptState as OptState
+from funcopt.base import PyTree as PyTree
+from funcopt.base import Schedule as Schedule
+from funcopt.base import ScalarOrSchedule as ScalarOrSchedule
+from funcopt.base import apply_updates as apply_updates
+from funcopt.base import chain as chain
+from funcopt.base import identity as identity
+from funcopt.inject import InjectHyperparamsState as InjectHyperparamsState
+from funcopt.inject import get_hyperparams as get_hyperparams
+from funcopt.inject import inject_hyperparams as inject_hyperparams
+from funcopt.inject import set_hyperparams as set_hyperparams
+from funcopt.optimizers import adagrad as adagrad
+from funcopt.optimizers import adam as adam
+from funcopt.optimizers import adamax as adamax
+from funcopt.optimizers import adamw as adamw
+from funcopt.optimizers import lamb as lamb
+from funcopt.optimizers import lion as lion
+from funcopt.optimizers import nadam as nadam
+from funcopt.optimizers import radam as radam
+from funcopt.optimizers import rmsprop as rmsprop
+from funcopt.optimizers import sgd as sgd
+from funcopt.transforms import ScaleByAdamaxState as ScaleByAdamaxState
+from funcopt.transforms import ScaleByAdamState as ScaleByAdamState
+from funcopt.transforms import ScaleByLionState as ScaleByLionState
+from funcopt.transforms import ScaleByNadamState as ScaleByNadamState
+from funcopt.transforms import ScaleByRmsState as ScaleByRmsState
+from funcopt.transforms import ScaleByRssState as ScaleByRssState
+from funcopt.transforms import ScaleByScheduleState as ScaleByScheduleState
+from funcopt.transforms import TraceState as TraceState
+from funcopt.transforms import add_decayed_weights as add_decayed_weights
+from funcopt.transforms import clip as clip
+from funcopt.transforms import clip_by_global_norm as clip_by_global_norm
+from funcopt.transforms import scale as scale
+from funcopt.transforms import scale_by_adam as scale_by_adam
+from funcopt.transforms import scale_by_adamax as scale_by_adamax
+from funcopt.transforms import scale_by_learning_rate as scale_by_learning_rate
+from funcopt.transforms import scale_by_lion as scale_by_lion
+from funcopt.transforms import scale_by_nadam as scale_by_nadam
+from funcopt.transforms import scale_by_radam as scale_by_radam
+from funcopt.transforms import scale_by_rms as scale_by_rms
+from funcopt.transforms import scale_by_rss as scale_by_rss
+from funcopt.transforms import scale_by_schedule as scale_by_schedule
+from funcopt.transforms import scale_by_trust_ratio as scale_by_trust_ratio
+from funcopt.transforms import trace as trace
+
+__version__ = "0.1.0"

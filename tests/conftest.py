@@ -1,8 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
 
+# Both `from tests.helpers import ...` and `from helpers import ...` work.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -99,7 +99,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def update(updates, state, params=None, **extra_args):
         if not isinstance(state, tuple) or len(state) != len(transforms) or hasattr(state, "_fields"):
             raise FuncoptError(
-                f"chain of {len(transforms)} transformations got a state of type "
+                f"chain of {len(transforms)} transformation(s) got a state of type "
                 f"{type(state).__name__}"
                 + (f" with {len(state)} entries" if isinstance(state, tuple) else "")
                 + ". Pass the state returned by this optimizer's init (was it built for a "

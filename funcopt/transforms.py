@@ -198,7 +198,7 @@ class ScaleByAdamState(NamedTuple):
 
     ``count`` is the 0-dim int64 number of updates so far; ``mu``/``nu`` are the first and second
     moments shaped like the params; ``nu_max`` is the running maximum of ``nu`` (AMSGrad) or
-    ``None``.
+    ``()`` when unused (not ``None``: ``torch.func.vmap`` rejects ``None`` outputs).
     """
 
     count: torch.Tensor
@@ -212,7 +212,7 @@ def _adam_init(params: PyTree, amsgrad: bool = False) -> ScaleByAdamState:
         count=_init_count(params),
         mu=_tree.zeros_like(params),
         nu=_tree.zeros_like(params),
-        nu_max=_tree.zeros_like(params) if amsgrad else None,
+        nu_max=_tree.zeros_like(params) if amsgrad else (),
     )
 
 
@@ -252,7 +252,7 @@ def scale_by_adam(
         mu, nu = _moments(updates, state, b1, b2)
         bc1 = 1 - b1**step
         bc2 = 1 - b2**step
-        nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else None
+        nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else ()
         second = nu_max if amsgrad else nu
         if _is_zero(eps_root):
             sqrt_bc2 = torch.sqrt(bc2)
@@ -387,7 +387,7 @@ def scale_by_radam(
             return m_hat * torch.where(use_adaptive, adaptive, torch.ones_like(adaptive))
 
         out = _tree.map(direction, mu, nu)
-        return out, ScaleByAdamState(state.count + 1, mu, nu, None)
+        return out, ScaleByAdamState(state.count + 1, mu, nu, ())
 
     return GradientTransformation(init, update)
 
@@ -419,7 +419,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
 
 
 class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: ``nu`` the mean square, ``mu`` the mean (centered) or None."""
+    """State of :func:`scale_by_rms`: ``nu`` the mean square, ``mu`` the mean (centered) or ``()``."""
 
     nu: PyTree
     mu: PyTree
@@ -438,7 +438,7 @@ def scale_by_rms(
 
     def init(params):
         nu = _tree.full_like(params, initial_scale) if initial_scale else _tree.zeros_like(params)
-        return ScaleByRmsState(nu, _tree.zeros_like(params) if centered else None)
+        return ScaleByRmsState(nu, _tree.zeros_like(params) if centered else ())
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByRmsState, "scale_by_rms")
@@ -447,7 +447,7 @@ def scale_by_rms(
             mu = _tree.map(lambda m, g: torch.lerp(m, g, 1 - decay), state.mu, updates)
             out = _tree.map(lambda g, v, m: g / (torch.sqrt(v - m * m) + eps), updates, nu, mu)
         else:
-            mu = None
+            mu = ()
             out = _tree.map(lambda g, v: g / (torch.sqrt(v) + eps), updates, nu)
         return out, ScaleByRmsState(nu, mu)
 

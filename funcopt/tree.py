@@ -61,12 +61,10 @@ def structure(tree: PyTree) -> optree.PyTreeSpec:
 
 def path_str(accessor: Any) -> str:
     """Formats an optree accessor (or path tuple) as ``['a'][0].mu``; the root is ``<root>``."""
-    if isinstance(accessor, tuple):
-        text = "".join(f"[{k!r}]" if isinstance(k, str) else f"[{k}]" for k in accessor)
+    if hasattr(accessor, "codify"):
+        text = accessor.codify("")
     else:
-        text = str(accessor)
-        if text.startswith("*"):
-            text = text[1:]
+        text = "".join(f"[{k!r}]" if isinstance(k, str) else f"[{k}]" for k in accessor)
     return text or "<root>"
 
 

@@ -56,27 +56,33 @@ def as_function(module: nn.Module) -> Callable[..., Any]:
     return f
 
 
-def load(module: nn.Module, params: PyTree, buffers: PyTree | None = None) -> nn.Module:
+def load(module: nn.Module, params: PyTree, buffers: PyTree | None = None, *, strict: bool = True) -> nn.Module:
     """Copies ``params`` (and ``buffers``) into ``module`` in place and returns it.
 
-    Names must match ``module.named_parameters()``; a missing or extra name, or a shape
-    mismatch, raises ``FuncoptError`` naming it.
+    Names must be those of ``module.named_parameters()`` (and ``named_buffers()``). With
+    ``strict=True`` every parameter must be given; an unknown name, a missing one, or a shape
+    mismatch raises ``FuncoptError`` naming it.
     """
-    own = dict(module.named_parameters())
-    if buffers:
-        own.update(module.named_buffers())
-    given = dict(params)
-    if buffers:
-        given.update(buffers)
-    missing = sorted(set(own) - set(given))
-    extra = sorted(set(given) - set(own))
-    if extra or (missing and not buffers and any(k in dict(module.named_parameters()) for k in missing)):
-        raise FuncoptError(f"load: names do not match the module: missing {missing}, unexpected {extra}.")
-    with torch.no_grad():
+    own_params = dict(module.named_parameters())
+    own_buffers = dict(module.named_buffers())
+    checks = [(dict(params), own_params, "parameter")]
+    if buffers is not None:
+        checks.append((dict(buffers), own_buffers, "buffer"))
+    for given, own, kind in checks:
+        extra = sorted(set(given) - set(own))
+        missing = sorted(set(own) - set(given)) if strict else []
+        if extra or missing:
+            raise FuncoptError(
+                f"load: {kind} names do not match the module: missing {missing}, unexpected {extra}. "
+                "Use the names of module.named_parameters() (as funcopt.nn.extract returns them)."
+            )
         for k, v in given.items():
             if own[k].shape != v.shape:
                 raise FuncoptError(
-                    f"load: [{k!r}] has shape {tuple(v.shape)} but the module's is {tuple(own[k].shape)}."
+                    f"load: {kind} [{k!r}] has shape {tuple(v.shape)} but the module's is {tuple(own[k].shape)}."
                 )
-            own[k].copy_(v)
+    with torch.no_grad():
+        for given, own, _ in checks:
+            for k, v in given.items():
+                own[k].copy_(v)
     return module

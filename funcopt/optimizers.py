@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from funcopt import fused as _fused
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, chain
 from funcopt.transforms import (
     _is_zero,
@@ -45,6 +46,7 @@ def _l2(weight_decay: Any) -> GradientTransformation | None:
     return None if _is_zero(weight_decay) else add_decayed_weights(weight_decay)
 
 
+@_fused.fast_path("sgd")
 def sgd(
     learning_rate: ScalarOrSchedule,
     momentum: float = 0.0,
@@ -77,6 +79,7 @@ def sgd(
     )
 
 
+@_fused.fast_path("adam")
 def adam(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -98,6 +101,7 @@ def adam(
     )
 
 
+@_fused.fast_path("adamw")
 def adamw(
     learning_rate: ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -191,6 +195,7 @@ def radam(
     )
 
 
+@_fused.fast_path("rmsprop")
 def rmsprop(
     learning_rate: ScalarOrSchedule = 1e-2,
     alpha: float = 0.99,
@@ -213,6 +218,7 @@ def rmsprop(
     )
 
 
+@_fused.fast_path("adagrad")
 def adagrad(
     learning_rate: ScalarOrSchedule = 1e-2,
     lr_decay: float = 0.0,
@@ -244,6 +250,7 @@ def adagrad(
     )
 
 
+@_fused.fast_path("lion")
 def lion(
     learning_rate: ScalarOrSchedule = 1e-4,
     b1: float = 0.9,

@@ -1,0 +1,699 @@
+"""Fast path for the elementwise optimizers: multi-tensor fused kernels, chosen automatically.
+
+``funcopt.sgd``, ``adam``, ``adamw``, ``adagrad``, ``rmsprop`` and ``lion`` are chains of small
+per-leaf blocks (the *reference path*). An optimizer step is memory-bound, and the reference
+path makes one fresh tensor per operation per leaf, so this module gives those optimizers a
+second implementation of the same step (the *fast path*):
+
+- Adam, AdamW, SGD and Adagrad run torch's own multi-tensor kernels (``torch._fused_adam_``,
+  ``_fused_adamw_``, ``_fused_sgd_``, ``_fused_adagrad_``, the kernels behind
+  ``torch.optim.Adam(fused=True)``); RMSprop and Lion run ``torch._foreach_*`` ops.
+- In a plain ``update`` the kernels work on fresh copies of the state and on a zero-filled
+  update buffer, so ``update`` stays pure: it never writes into its arguments.
+- In a *donating* step (:func:`funcopt.train_step.make_step`, :func:`funcopt.apply_gradients`)
+  the kernels update the params and state buffers that the caller gave up, in place.
+
+The fast path returns the same state pytree types (e.g. ``(ScaleByAdamState(count, mu, nu,
+nu_max), EmptyState())``) as the reference chain and the same numbers to float rounding, so
+a run may switch paths at any step, and checkpoints do not depend on the path. It is used only
+where it is valid, and the reference path runs otherwise:
+
+- not while ``torch.compile`` traces (the reference path compiles with ``fullgraph=True``) and
+  not under functorch transforms (``vmap``, ``grad``, ``jvp``, ``vjp``, ``jacrev``...);
+- every tensor (params, updates, state) a plain dense contiguous ``torch.Tensor`` of dtype
+  float32 or float64 (mixed is fine) on a single device, none requiring grad, no two state or
+  param buffers sharing memory;
+- every hyperparameter a Python number or an unbatched 0-dim tensor not requiring grad (as
+  ``inject_hyperparams`` passes them; they are read with ``float()``); no ``mask``;
+- the state has the layout this optimizer's ``init`` builds.
+
+Use :func:`fast_path_enabled` to force the reference path (e.g. to compare the two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+from typing import Any, Callable, NamedTuple
+from collections.abc import Iterator
+
+import optree
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import EmptyState, GradientTransformation, PyTree
+from funcopt.transforms import (
+    ScaleByAdamState,
+    ScaleByLionState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    ScaleByScheduleState,
+    TraceState,
+)
+
+__all__ = [
+    "FAST_PATH_OPTIMIZERS",
+    "fast_path",
+    "fast_path_enabled",
+    "is_fast_path_enabled",
+    "fast_path_applies",
+    "configure_cpu_allocator",
+]
+
+FAST_PATH_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "lion")
+"""Names of the optimizers that have a fast path."""
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_MAIN_STATES: dict[str, tuple[type, ...]] = {
+    "sgd": (TraceState,),
+    "adam": (ScaleByAdamState,),
+    "adamw": (ScaleByAdamState,),
+    "adagrad": (ScaleByRssState,),
+    "rmsprop": (ScaleByRmsState, TraceState),
+    "lion": (ScaleByLionState,),
+}
+
+
+class _Switch(threading.local):
+    enabled = True
+
+
+_SWITCH = _Switch()
+
+
+def is_fast_path_enabled() -> bool:
+    """Whether the fast path may be used in this thread (True unless switched off)."""
+    return _SWITCH.enabled
+
+
+@contextlib.contextmanager
+def fast_path_enabled(enabled: bool) -> Iterator[None]:
+    """Context manager switching the fast path on or off in this thread, like ``torch.no_grad``.
+
+    Example:
+        >>> with funcopt.fused.fast_path_enabled(False):
+        ...     updates, state = tx.update(grads, state, params)  # the per-leaf reference path
+    """
+    previous = _SWITCH.enabled
+    _SWITCH.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _SWITCH.enabled = previous
+
+
+# ---------------------------------------------------------------------------------------------
+# When the fast path applies
+
+
+def _in_traced_context() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def _plain_tensor(t: Any) -> bool:
+    return (
+        type(t) in _PLAIN_TYPES
+        and t.dtype in _FLOAT_DTYPES
+        and t.layout is torch.strided
+        and not t.requires_grad
+        and t.is_contiguous()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    )
+
+
+def _scalar(x: Any) -> float | None:
+    """A hyperparameter as a Python float, or None where the fast path must not read it."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if (
+        type(x) in _PLAIN_TYPES
+        and x.dim() == 0
+        and not x.requires_grad
+        and not x.is_complex()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    ):
+        return float(x)
+    return None
+
+
+class _Columns(NamedTuple):
+    """Flat, aligned lists of one step's tensors, grouped by dtype (the kernels need one)."""
+
+    groups: list[list[int]]
+    device: torch.device
+
+
+def _columns(lists: list[list[torch.Tensor]]) -> _Columns | None:
+    """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype."""
+    n = len(lists[0])
+    if n == 0 or any(len(x) != n for x in lists):
+        return None
+    device = lists[0][0].device if isinstance(lists[0][0], torch.Tensor) else None
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    pointers: set[int] = set()
+    for i in range(n):
+        first = lists[0][i]
+        for column in lists:
+            t = column[i]
+            if not _plain_tensor(t) or t.device != device or t.dtype != first.dtype or t.shape != first.shape:
+                return None
+        by_dtype.setdefault(first.dtype, []).append(i)
+    # Buffers written by a kernel must not overlap (tied weights, a state leaf reused twice).
+    for column in lists:
+        for t in column:
+            if t.numel() == 0:
+                continue
+            ptr = t.data_ptr()
+            if ptr in pointers:
+                return None
+            pointers.add(ptr)
+    return _Columns(list(by_dtype.values()), device)
+
+
+def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    return column if len(idx) == len(column) else [column[i] for i in idx]
+
+
+def _parse_chain_state(kind: str, state: Any) -> dict[Any, int] | None:
+    """Positions of the known entries of a chain state, or None if the layout is unexpected."""
+    if type(state) is not tuple:
+        return None
+    found: dict[Any, int] = {}
+    allowed = _MAIN_STATES[kind]
+    last = len(state) - 1
+    for i, s in enumerate(state):
+        t = type(s)
+        if t is EmptyState:
+            continue
+        if t is ScaleByScheduleState and i == last:
+            found["schedule"] = i
+        elif t in allowed and t not in found:
+            found[t] = i
+        else:
+            return None
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Each takes flat leaf lists for one dtype group and either returns fresh update
+# tensors (pure) or writes the new params into ``p`` (donate). State buffers are written in
+# place; in the pure case the caller passes fresh copies.
+
+
+def _fold_l2(g: list[torch.Tensor], p: list[torch.Tensor], wd: float, maximize: bool) -> list[torch.Tensor]:
+    """Fresh ``(-g if maximize else g) + wd * p`` (L2 weight decay added to the gradient)."""
+    out = torch._foreach_neg(g) if maximize else [x.clone() for x in g]
+    torch._foreach_add_(out, p, alpha=wd)
+    return out
+
+
+def _adam_kernel(h, lr, p, g, mu, nu, nu_max, step, donate, decoupled):
+    wd, maximize = h["weight_decay"], h["maximize"]
+    steps = [step] * len(g)
+    common = dict(beta1=h["b1"], beta2=h["b2"], eps=h["eps"], amsgrad=nu_max is not None)
+    if donate:
+        fn = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        fn(p, g, mu, nu, nu_max or [], steps, lr=lr, weight_decay=wd, maximize=maximize, **common)
+        return p
+    if wd and not decoupled:
+        g, maximize = _fold_l2(g, p, wd, maximize), False
+    out = [torch.zeros_like(x) for x in g]
+    torch._fused_adam_(out, g, mu, nu, nu_max or [], steps, lr=lr, weight_decay=0.0, maximize=maximize, **common)
+    if wd and decoupled:
+        torch._foreach_add_(out, p, alpha=-lr * wd)
+    return out
+
+
+def _sgd_kernel(h, lr, p, g, buf, first, donate):
+    wd, maximize = h["weight_decay"], h["maximize"]
+    momentum = h["momentum"] if buf is not None else 0.0
+    kwargs = dict(
+        momentum=momentum, lr=lr, dampening=h["dampening"], nesterov=h["nesterov"], is_first_step=first
+    )
+    if donate:
+        torch._fused_sgd_(p, g, buf or [], weight_decay=wd, maximize=maximize, **kwargs)
+        return p
+    if wd:
+        g, maximize = _fold_l2(g, p, wd, maximize), False
+    if buf is None:
+        return torch._foreach_mul(g, lr if maximize else -lr)
+    out = [torch.zeros_like(x) for x in g]
+    torch._fused_sgd_(out, g, buf, weight_decay=0.0, maximize=maximize, **kwargs)
+    return out
+
+
+def _adagrad_kernel(h, lr, p, g, acc, step, donate):
+    wd, maximize = h["weight_decay"], h["maximize"]
+    steps = [step] * len(g)
+    if donate:
+        torch._fused_adagrad_(p, g, acc, steps, lr=lr, lr_decay=0.0, weight_decay=wd, eps=h["eps"], maximize=maximize)
+        return p
+    if wd:
+        g, maximize = _fold_l2(g, p, wd, maximize), False
+    out = [torch.zeros_like(x) for x in g]
+    torch._fused_adagrad_(out, g, acc, steps, lr=lr, lr_decay=0.0, weight_decay=0.0, eps=h["eps"], maximize=maximize)
+    return out
+
+
+def _signed_grads(h, p, g):
+    """The gradient after the chain's sign flip and L2 term (``g`` itself, read-only, if neither)."""
+    wd, maximize = h.get("weight_decay", 0.0), h.get("maximize", False)
+    if wd:
+        return _fold_l2(g, p, wd, maximize)
+    return torch._foreach_neg(g) if maximize else g
+
+
+def _rmsprop_kernel(h, lr, p, g, nu, mu, buf, first, donate):
+    """RMSprop with ``torch._foreach_*`` ops; returns (out, nu, mu, buf), new lists where pure."""
+    g = _signed_grads(h, p, g)
+    w = 1 - h["alpha"]
+    g2 = torch._foreach_mul(g, g)
+    if donate:
+        torch._foreach_lerp_(nu, g2, w)
+    else:
+        nu = torch._foreach_lerp(nu, g2, w)
+    if mu is not None:
+        if donate:
+            torch._foreach_lerp_(mu, g, w)
+        else:
+            mu = torch._foreach_lerp(mu, g, w)
+        denom = g2  # reuse the scratch: denom = sqrt(nu - mu * mu)
+        torch._foreach_copy_(denom, mu)
+        torch._foreach_mul_(denom, mu)
+        torch._foreach_sub_(denom, nu)
+        torch._foreach_neg_(denom)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(nu)
+        del g2
+    torch._foreach_add_(denom, h["eps"])
+    direction = torch._foreach_div(g, denom)
+    del denom
+    if buf is not None:
+        if donate:
+            if first:
+                torch._foreach_copy_(buf, direction)
+            else:
+                torch._foreach_mul_(buf, h["momentum"])
+                torch._foreach_add_(buf, direction)
+        elif first:
+            buf = direction
+        else:
+            buf = torch._foreach_mul(buf, h["momentum"])
+            torch._foreach_add_(buf, direction)
+        direction = buf
+    if donate:
+        torch._foreach_add_(p, direction, alpha=-lr)
+        return p, nu, mu, buf
+    return torch._foreach_mul(direction, -lr), nu, mu, buf
+
+
+def _lion_kernel(h, lr, p, g, mu, donate):
+    """Lion with ``torch._foreach_*`` ops; returns (out, mu), new lists where pure."""
+    direction = torch._foreach_lerp(mu, g, 1 - h["b1"])
+    torch._foreach_sign_(direction)
+    if donate:
+        torch._foreach_lerp_(mu, g, 1 - h["b2"])
+    else:
+        mu = torch._foreach_lerp(mu, g, 1 - h["b2"])
+    wd = h["weight_decay"]
+    if wd:
+        torch._foreach_add_(direction, p, alpha=wd)
+    if donate:
+        torch._foreach_add_(p, direction, alpha=-lr)
+        return p, mu
+    torch._foreach_mul_(direction, -lr)
+    return direction, mu
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+_FLOAT_ARGS = {
+    "sgd": ("momentum", "dampening", "weight_decay"),
+    "adam": ("b1", "b2", "eps", "weight_decay"),
+    "adamw": ("b1", "b2", "eps", "weight_decay"),
+    "adagrad": ("eps", "weight_decay"),
+    "rmsprop": ("alpha", "eps", "weight_decay", "momentum"),
+    "lion": ("b1", "b2", "weight_decay"),
+}
+_BOOL_ARGS = ("nesterov", "maximize", "amsgrad", "centered")
+
+
+def _count_ok(count: Any, device: torch.device) -> bool:
+    return (
+        type(count) is torch.Tensor
+        and count.dim() == 0
+        and count.dtype == torch.int64
+        and count.device == device
+        and not torch._C._functorch.is_functorch_wrapped_tensor(count)
+    )
+
+
+class _Plan(NamedTuple):
+    h: dict[str, Any]
+    lr: float
+    spec: Any
+    columns: _Columns
+    p: list[torch.Tensor] | None
+    g: list[torch.Tensor]
+    buffers: dict[str, list[torch.Tensor] | None]
+    counts: dict[Any, torch.Tensor]
+    positions: dict[Any, int]
+
+
+class _FastPath:
+    """The fast implementation of one optimizer built by a ``@fast_path`` factory."""
+
+    def __init__(self, kind: str, reference: GradientTransformation, arguments: dict[str, Any]):
+        self.kind = kind
+        self.reference = reference
+        self.arguments = arguments
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _hyperparams(self) -> dict[str, Any] | None:
+        args = self.arguments
+        if args.get("mask") is not None:
+            return None
+        h: dict[str, Any] = {}
+        for name in _FLOAT_ARGS[self.kind]:
+            value = _scalar(args[name])
+            if value is None:
+                return None
+            h[name] = value
+        for name in _BOOL_ARGS:
+            if name in args:
+                if not isinstance(args[name], bool):
+                    return None
+                h[name] = args[name]
+        return h
+
+    def _learning_rate(self, state: tuple, positions: dict[Any, int]) -> float | None:
+        args = self.arguments
+        value = args["learning_rate"]
+        scheduled = callable(value) or (self.kind == "adagrad" and not _is_python_zero(args["lr_decay"]))
+        if scheduled != ("schedule" in positions):
+            return None
+        if scheduled:
+            count = state[positions["schedule"]].count
+            if type(count) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(count):
+                return None
+            if callable(value):
+                value = value(count)
+            if self.kind == "adagrad" and not _is_python_zero(args["lr_decay"]):
+                # The same expression as funcopt.optimizers.adagrad, so the numbers agree.
+                value = value / (1 + count * args["lr_decay"])
+        return _scalar(value)
+
+    def plan(self, grads: PyTree, state: Any, params: PyTree | None, donate: bool) -> _Plan | None:
+        """Everything the kernels need, or None where the fast path does not apply."""
+        kind = self.kind
+        positions = _parse_chain_state(kind, state)
+        if positions is None:
+            return None
+        h = self._hyperparams()
+        if h is None:
+            return None
+        lr = self._learning_rate(state, positions)
+        if lr is None:
+            return None
+        spec = _tree.structure(grads)
+        needs_params = donate or bool(h.get("weight_decay"))
+        if params is None and needs_params:
+            return None
+        buffers: dict[str, list[torch.Tensor] | None] = {}
+        counts: dict[Any, torch.Tensor] = {}
+
+        def take(name: str, subtree: Any) -> bool:
+            if _absent(subtree):
+                buffers[name] = None
+                return True
+            if _tree.structure(subtree) != spec:
+                return False
+            buffers[name] = _tree.leaves(subtree)
+            return True
+
+        if kind in ("adam", "adamw"):
+            if ScaleByAdamState not in positions:
+                return None
+            s = state[positions[ScaleByAdamState]]
+            counts[ScaleByAdamState] = s.count
+            amsgrad = h["amsgrad"]
+            if _absent(s.nu_max) == amsgrad:
+                return None
+            ok = take("mu", s.mu) and take("nu", s.nu) and take("nu_max", s.nu_max)
+        elif kind == "sgd":
+            has_trace = TraceState in positions
+            if has_trace != (h["momentum"] != 0 or h["nesterov"]) or (h["nesterov"] and not has_trace):
+                return None
+            ok = True
+            if has_trace:
+                s = state[positions[TraceState]]
+                counts[TraceState] = s.count
+                ok = take("buf", s.momentum_buffer)
+            else:
+                buffers["buf"] = None
+        elif kind == "adagrad":
+            if ScaleByRssState not in positions:
+                return None
+            ok = take("acc", state[positions[ScaleByRssState]].sum_of_squares)
+        elif kind == "rmsprop":
+            if ScaleByRmsState not in positions or _absent(state[positions[ScaleByRmsState]].mu) == h["centered"]:
+                return None
+            s = state[positions[ScaleByRmsState]]
+            ok = take("nu", s.nu) and take("mu", s.mu)
+            if TraceState in positions:
+                t = state[positions[TraceState]]
+                counts[TraceState] = t.count
+                ok = ok and take("buf", t.momentum_buffer)
+            else:
+                buffers["buf"] = None
+        else:  # lion
+            if ScaleByLionState not in positions:
+                return None
+            s = state[positions[ScaleByLionState]]
+            counts[ScaleByLionState] = s.count
+            ok = take("mu", s.mu)
+        if not ok:
+            return None
+        g = _tree.leaves(grads)
+        p = None
+        if params is not None and needs_params:
+            if _tree.structure(params) != spec:
+                return None
+            p = _tree.leaves(params)
+        lists = [g] + ([p] if p is not None else []) + [b for b in buffers.values() if b is not None]
+        columns = _columns(lists)
+        if columns is None:
+            return None
+        for c in counts.values():
+            if not _count_ok(c, columns.device):
+                return None
+        if "schedule" in positions:
+            counts["schedule"] = state[positions["schedule"]].count
+            if not _count_ok(counts["schedule"], columns.device):
+                return None
+        return _Plan(h, lr, spec, columns, p, g, buffers, counts, positions)
+
+    # -- execution ------------------------------------------------------------------------
+
+    def run(self, plan: _Plan, state: tuple, donate: bool) -> tuple[list[torch.Tensor], tuple]:
+        """Runs the kernels; returns (flat outputs, new chain state).
+
+        The outputs are the new params (``donate``, written into the params buffers) or fresh
+        updates (pure). Pure runs never write into ``plan``'s input tensors.
+        """
+        kind, h, lr = self.kind, plan.h, plan.lr
+        n = len(plan.g)
+        out: list[torch.Tensor | None] = [None] * n
+        new_buffers: dict[str, list[Any] | None] = {
+            k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
+        }
+        copy_state = not donate and kind in ("adam", "adamw", "sgd", "adagrad")
+        step = None
+        main_count = next(iter(plan.counts.values()), None)
+        if kind in ("adam", "adamw"):
+            step = (main_count + 1).to(torch.float32)
+        elif kind == "adagrad":
+            step = torch.ones((), dtype=torch.float32, device=plan.columns.device)
+        first = False
+        if TraceState in plan.counts:
+            first = bool(plan.counts[TraceState] == 0)
+
+        for idx in plan.columns.groups:
+            g = _pick(plan.g, idx)
+            p = _pick(plan.p, idx) if plan.p is not None else None
+            bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
+            if copy_state:
+                fresh_sgd = kind == "sgd" and first
+                bufs = {
+                    k: (None if v is None else [torch.empty_like(x) if fresh_sgd else x.clone() for x in v])
+                    for k, v in bufs.items()
+                }
+            if kind in ("adam", "adamw"):
+                res = _adam_kernel(h, lr, p, g, bufs["mu"], bufs["nu"], bufs["nu_max"], step, donate, kind == "adamw")
+            elif kind == "sgd":
+                res = _sgd_kernel(h, lr, p, g, bufs["buf"], first, donate)
+            elif kind == "adagrad":
+                res = _adagrad_kernel(h, lr, p, g, bufs["acc"], step, donate)
+            elif kind == "rmsprop":
+                res, bufs["nu"], bufs["mu"], bufs["buf"] = _rmsprop_kernel(
+                    h, lr, p, g, bufs["nu"], bufs["mu"], bufs["buf"], first, donate
+                )
+            else:
+                res, bufs["mu"] = _lion_kernel(h, lr, p, g, bufs["mu"], donate)
+            for j, i in enumerate(idx):
+                out[i] = res[j]
+                for k, v in bufs.items():
+                    if v is not None:
+                        new_buffers[k][i] = v[j]
+        return out, self._new_state(plan, state, new_buffers)
+
+    def _new_state(self, plan: _Plan, state: tuple, new: dict[str, list[Any] | None]) -> tuple:
+        def tree_of(name: str, absent: Any = None) -> Any:
+            leaves = new.get(name)
+            return absent if leaves is None else optree.tree_unflatten(plan.spec, leaves)
+
+        entries = list(state)
+        pos, counts = plan.positions, plan.counts
+        if ScaleByAdamState in pos:
+            old = state[pos[ScaleByAdamState]]
+            entries[pos[ScaleByAdamState]] = ScaleByAdamState(
+                counts[ScaleByAdamState] + 1, tree_of("mu"), tree_of("nu"), tree_of("nu_max", old.nu_max)
+            )
+        if ScaleByRssState in pos:
+            entries[pos[ScaleByRssState]] = ScaleByRssState(tree_of("acc"))
+        if ScaleByRmsState in pos:
+            old = state[pos[ScaleByRmsState]]
+            entries[pos[ScaleByRmsState]] = ScaleByRmsState(tree_of("nu"), tree_of("mu", old.mu))
+        if ScaleByLionState in pos:
+            entries[pos[ScaleByLionState]] = ScaleByLionState(counts[ScaleByLionState] + 1, tree_of("mu"))
+        if TraceState in pos:
+            entries[pos[TraceState]] = TraceState(counts[TraceState] + 1, tree_of("buf"))
+        if "schedule" in pos:
+            entries[pos["schedule"]] = ScaleByScheduleState(counts["schedule"] + 1)
+        return tuple(entries)
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def usable(self) -> bool:
+        return _SWITCH.enabled and not _in_traced_context()
+
+    def update(self, updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any):
+        if not torch.compiler.is_compiling() and self.usable():
+            plan = self.plan(updates, state, params, donate=False)
+            if plan is not None:
+                out, new_state = self.run(plan, state, donate=False)
+                return optree.tree_unflatten(plan.spec, out), new_state
+        return self.reference.update(updates, state, params, **extra_args)
+
+    def donated_update(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
+        """One step writing into ``params`` and the state buffers; returns (new params, new state).
+
+        Returns None (and writes nothing) where the fast path does not apply.
+        """
+        if not self.usable():
+            return None
+        plan = self.plan(grads, state, params, donate=True)
+        if plan is None:
+            return None
+        out, new_state = self.run(plan, state, donate=True)
+        return optree.tree_unflatten(plan.spec, out), new_state
+
+
+def _absent(x: Any) -> bool:
+    """An unused optional state field: ``()`` (what funcopt's transforms store) or ``None``."""
+    return x is None or (type(x) is tuple and len(x) == 0)
+
+
+def _is_python_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _fast_path_of(tx: GradientTransformation) -> _FastPath | None:
+    return getattr(tx.update, "_funcopt_fast_path", None)
+
+
+def fast_path(kind: str) -> Callable[[Callable[..., GradientTransformation]], Callable[..., GradientTransformation]]:
+    """Decorator giving an optimizer factory the fast path named ``kind`` (internal use).
+
+    The decorated factory returns a ``GradientTransformation`` with the reference chain's
+    ``init`` and an ``update`` that runs the fast path where it applies and the chain's own
+    ``update`` otherwise. The signature (read by ``inject_hyperparams``) is kept.
+    """
+    if kind not in FAST_PATH_OPTIMIZERS:
+        raise ValueError(f"fast_path: unknown kind {kind!r}; expected one of {FAST_PATH_OPTIMIZERS}.")
+
+    def decorate(factory: Callable[..., GradientTransformation]) -> Callable[..., GradientTransformation]:
+        signature = inspect.signature(factory)
+
+        @functools.wraps(factory)
+        def wrapper(*args: Any, **kwargs: Any) -> GradientTransformation:
+            reference = factory(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            fp = _FastPath(kind, reference, dict(bound.arguments))
+
+            def update(updates, state, params=None, **extra_args):
+                return fp.update(updates, state, params, **extra_args)
+
+            update._funcopt_fast_path = fp  # type: ignore[attr-defined]
+            return GradientTransformation(reference.init, update)
+
+        return wrapper
+
+    return decorate
+
+
+def fast_path_applies(tx: GradientTransformation, updates: PyTree, state: Any, params: PyTree | None = None) -> bool:
+    """Whether ``tx.update(updates, state, params)`` would run the fast path here and now.
+
+    False for transformations without one (``funcopt.chain`` of blocks, ``inject_hyperparams``
+    wrappers, ...), under ``torch.compile``/functorch transforms, with the fast path switched
+    off, or for inputs it does not support (see the module docstring).
+    """
+    fp = _fast_path_of(tx)
+    if fp is None or not fp.usable():
+        return False
+    return fp.plan(updates, state, params, donate=False) is not None
+
+
+def configure_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30) -> bool:
+    """Makes glibc keep large freed CPU blocks for reuse instead of returning them to the OS.
+
+    Like setting ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before starting Python.
+    By default glibc serves every block above 32 MB with a fresh ``mmap``, whose pages fault
+    on first touch: a pure optimizer step on one 16M-element tensor then spends most of its
+    time in page faults (see ``docs/performance.md``). Raising both thresholds keeps those
+    blocks in the heap so the next step reuses them. The price: freed memory stays with the
+    process (its resident size does not shrink). Process-wide and opt-in; funcopt never calls
+    it by itself.
+
+    Args:
+        mmap_threshold: blocks at least this large (bytes) still come from ``mmap``.
+        trim_threshold: free memory at the top of the heap above this size is returned.
+
+    Returns:
+        True if both settings were applied (Linux with glibc), False elsewhere.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        if name is None:
+            return False
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
+        return bool(ok and libc.mallopt(m_trim_threshold, int(trim_threshold)) == 1)
+    except (OSError, AttributeError):
+        return False

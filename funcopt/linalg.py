@@ -130,6 +130,17 @@ def _checked_matvec(matvec: MatVec, b: PyTree, solver: str) -> MatVec:
     return wrapped
 
 
+def _check_finite_rhs(b: PyTree, solver: str, leaves: list[torch.Tensor]) -> None:
+    if not _inspectable(leaves[0]):
+        return
+    for path, x in zip(_tree.paths(b), leaves):
+        if not bool(torch.isfinite(x).all()):
+            raise FuncoptError(
+                f"{solver}: the right-hand side is not finite (nan or inf) at leaf {path}. It is "
+                "usually the gradient of the outer loss: check that loss at these parameters."
+            )
+
+
 def _raise_nonfinite(solver: str, iteration: int) -> None:
     raise FuncoptError(
         f"{solver}: the matrix-vector product at iteration {iteration} is not finite (nan or "
@@ -378,6 +389,7 @@ def solve_neumann(
     _non_negative("growth_tol", growth_tol, solver)
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and not alpha > 0:
         raise FuncoptError(f"{solver}: `alpha` must be > 0, got {alpha!r}; pass alpha=None to estimate it.")
+    _check_finite_rhs(b, solver, leaves)
     matvec = _checked_matvec(matvec, b, solver)
     inspect = _inspectable(leaves[0])
     matvecs = 0
@@ -446,6 +458,7 @@ def _cg_loop(matvec, b, x0, maxiter, rtol, atol, on_negative_curvature, solver):
     _non_negative("atol", atol, solver)
     if on_negative_curvature not in _NEG_CURV_CHOICES:
         raise FuncoptError(f"{solver}: on_negative_curvature must be one of {_NEG_CURV_CHOICES}, got {on_negative_curvature!r}.")
+    _check_finite_rhs(b, solver, leaves)
     matvec = _checked_matvec(matvec, b, solver)
     inspect = _inspectable(leaves[0])
     matvecs = 0
@@ -594,7 +607,10 @@ def solve_normal_cg(
     def normal(v):
         return rmatvec(matvec(v))
 
-    x, info = _cg_loop(normal, rmatvec(b), None, maxiter, rtol, atol, "raise", solver)
+    rhs = rmatvec(b)
+    if _inspectable(_tree.leaves(rhs)[0]) and not bool(_all_finite(rhs)):
+        _raise_nonfinite(solver, 0)
+    x, info = _cg_loop(normal, rhs, None, maxiter, rtol, atol, "raise", solver)
     info = info._replace(matvecs=2 * info.matvecs + 1)
     return (x, info) if return_info else x
 
@@ -626,6 +642,7 @@ def solve_dense(
     """
     solver = "solve_dense"
     leaves = _check_rhs(b, solver)
+    _check_finite_rhs(b, solver, leaves)
     matvec = _checked_matvec(matvec, b, solver)
     flat_b, unravel = _tree.ravel(b)
     n = flat_b.numel()

@@ -1,0 +1,224 @@
+"""The recommended training step: gradient, update and apply in one call, with donation.
+
+``step = funcopt.make_step(loss_fn, tx)`` returns ``step(params, opt_state, *batch) ->
+(params, opt_state, loss)``, the functional version of ``loss.backward(); optimizer.step()``.
+With ``donate=True`` (the default) the caller *gives up* the ``params`` and ``opt_state`` it
+passes in, as with ``jax.jit(..., donate_argnums=...)``: the step may reuse their memory for
+the results, which lets it update everything in place with torch's fused multi-tensor kernels
+instead of allocating fresh tensors (on CPU, fresh large tensors cost page faults; see
+``docs/performance.md``).
+
+Donation rules:
+
+- After a donating call, the ``params`` and ``opt_state`` you passed are *invalid*: each of
+  their tensors is emptied (``tensor.set_()``, shape ``(0,)``) and marked, so reading one
+  fails loudly or gives an empty result, and passing one to a donating step again raises
+  :class:`DonatedValueError` naming its path. Always rebind:
+  ``params, opt_state, loss = step(params, opt_state, x, y)``.
+- To keep a copy (e.g. the best params so far), clone it before the call:
+  ``best = funcopt.tree.map(torch.clone, params)``.
+- Memory shared with the params you donate is updated in place too: with
+  ``funcopt.nn.extract(model, copy=False)`` the module's own parameters follow training.
+- Donation happens only where it is valid: plain tensors not requiring grad, outside
+  ``torch.func`` transforms and ``torch.compile``. Elsewhere the step is pure and the inputs
+  stay untouched (``donate=False`` asks for that always).
+
+Plain ``tx.update`` never donates and never writes into its arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from funcopt import fused as _fused
+from funcopt import tree as _tree
+from funcopt.base import FuncoptError, GradientTransformation, OptState, PyTree, apply_updates
+
+__all__ = ["DonatedValueError", "apply_gradients", "make_step", "is_donated"]
+
+_MARK = "_funcopt_donated"
+
+
+class DonatedValueError(FuncoptError):
+    """A tensor given up to an earlier donating step was used again."""
+
+
+def is_donated(tensor: Any) -> bool:
+    """Whether ``tensor`` was given up to a donating step (and is now an empty placeholder)."""
+    return isinstance(tensor, torch.Tensor) and getattr(tensor, _MARK, False)
+
+
+def _check_not_donated(tree: PyTree, name: str) -> None:
+    for leaf in _tree.leaves(tree):
+        if isinstance(leaf, torch.Tensor) and getattr(leaf, _MARK, False):
+            bad = next(
+                path for path, x in zip(_tree.paths(tree), _tree.leaves(tree)) if x is leaf
+            )
+            raise DonatedValueError(
+                f"{name}{'' if bad == '<root>' else bad} was donated to an earlier training step "
+                "and is no longer valid. Use the params and opt_state returned by the step "
+                "(`params, opt_state, loss = step(params, opt_state, ...)`), clone what you want "
+                "to keep before the call, or build the step with donate=False."
+            )
+
+
+def _donatable(trees: tuple[PyTree, ...]) -> bool:
+    """True when every tensor leaf may be updated in place and then invalidated."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    for leaf in _tree.leaves(trees):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if type(leaf) not in (torch.Tensor, torch.nn.Parameter) or leaf.requires_grad:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(leaf) or leaf.is_inference():
+            return False
+    return True
+
+
+def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
+    """``params += updates`` with one multi-tensor op, or None where that is not valid."""
+    if _tree.structure(params) != _tree.structure(updates):
+        return None
+    p, u = _tree.leaves(params), _tree.leaves(updates)
+    seen: set[int] = set()
+    for a, b in zip(p, u):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return None
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout is not torch.strided:
+            return None
+        if not a.is_contiguous() or a.numel() == 0:
+            return None
+        if a.data_ptr() in seen:  # tied or aliased params would be updated twice
+            return None
+        seen.add(a.data_ptr())
+    if p:
+        torch._foreach_add_(p, u)
+    return params
+
+
+def _release(old: tuple[PyTree, ...], new: tuple[PyTree, ...]) -> tuple[PyTree, ...]:
+    """Gives the outputs fresh tensor objects and invalidates the donated inputs."""
+    old_leaves = {id(x): x for x in _tree.leaves(old) if isinstance(x, torch.Tensor)}
+    fresh = _tree.map(
+        lambda x: x.detach() if isinstance(x, torch.Tensor) and id(x) in old_leaves else x, new
+    )
+    for t in old_leaves.values():
+        t.set_()
+        setattr(t, _MARK, True)
+    return fresh
+
+
+def apply_gradients(
+    tx: GradientTransformation,
+    grads: PyTree,
+    opt_state: OptState,
+    params: PyTree,
+    *,
+    donate: bool = False,
+    **extra_args: Any,
+) -> tuple[PyTree, OptState]:
+    """One optimizer step from gradients: returns ``(new_params, new_opt_state)``.
+
+    Like flax's ``TrainState.apply_gradients``: ``tx.update`` followed by
+    :func:`funcopt.apply_updates`. With ``donate=True`` the caller gives up ``params`` and
+    ``opt_state`` (see the module docstring): optimizers with a fast path (``sgd``, ``adam``,
+    ``adamw``, ``adagrad``, ``rmsprop``, ``lion``) then update their buffers in place with fused
+    kernels, any other transformation adds its updates into the params in place, and the
+    inputs are invalidated. ``grads`` are only read.
+
+    Args:
+        tx: the optimizer.
+        grads: gradients shaped like ``params``.
+        opt_state: the state from ``tx.init`` or the previous step.
+        params: the current parameters.
+        donate: whether the caller gives up ``params`` and ``opt_state``.
+        **extra_args: passed to ``tx.update`` (e.g. ``value=loss`` for line searches).
+
+    Raises:
+        DonatedValueError: if a tensor in ``params`` or ``opt_state`` was donated before.
+    """
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(
+            f"apply_gradients expects a GradientTransformation as tx, got {type(tx).__name__}. "
+            "Pass an optimizer such as funcopt.adam(1e-3)."
+        )
+    _check_not_donated(params, "params")
+    _check_not_donated(opt_state, "opt_state")
+    if not donate or not _donatable((params, opt_state)):
+        updates, new_state = tx.update(grads, opt_state, params, **extra_args)
+        return apply_updates(params, updates), new_state
+    fast = _fused._fast_path_of(tx)
+    result = fast.donated_update(grads, opt_state, params) if fast is not None else None
+    if result is None:
+        updates, new_state = tx.update(grads, opt_state, params, **extra_args)
+        new_params = _add_in_place(params, updates)
+        if new_params is None:
+            new_params = apply_updates(params, updates)
+        result = (new_params, new_state)
+    return _release((params, opt_state), result)
+
+
+def make_step(
+    loss_fn: Callable[..., Any],
+    tx: GradientTransformation,
+    *,
+    donate: bool = True,
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, ...]]:
+    """Builds ``step(params, opt_state, *args, **kwargs) -> (params, opt_state, loss)``.
+
+    The step computes ``loss, grads`` with ``torch.func.grad_and_value(loss_fn)(params, *args,
+    **kwargs)``, then calls :func:`apply_gradients` (passing ``value=loss`` to ``tx.update``).
+    It is the functional ``optimizer.zero_grad(); loss.backward(); optimizer.step()``.
+
+    Args:
+        loss_fn: ``loss_fn(params, *args, **kwargs)`` returning a 0-dim loss, or
+            ``(loss, aux)`` with ``has_aux=True``.
+        tx: the optimizer, e.g. ``funcopt.adam(1e-3)``.
+        donate: give up the ``params`` and ``opt_state`` passed to each call so that their
+            buffers are reused (default; see the module docstring for the rules). With
+            ``donate=False`` the step is pure.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the step then returns
+            ``(params, opt_state, loss, aux)``.
+
+    Returns:
+        The step function.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> params, _ = funcopt.nn.extract(model)
+        >>> def loss_fn(p, x, y):
+        ...     return torch.nn.functional.cross_entropy(funcopt.nn.apply(model, p, None, x), y)
+        >>> tx = funcopt.adam(1e-2)
+        >>> step = funcopt.make_step(loss_fn, tx)
+        >>> opt_state = tx.init(params)
+        >>> params, opt_state, loss = step(params, opt_state, x, y)
+    """
+    if not callable(loss_fn):
+        raise TypeError(f"make_step expects a callable loss_fn, got {type(loss_fn).__name__}.")
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(
+            f"make_step expects a GradientTransformation as tx, got {type(tx).__name__}. "
+            "Pass an optimizer such as funcopt.adam(1e-3) (note the call)."
+        )
+    grad_fn = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
+
+    def step(params: PyTree, opt_state: OptState, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        _check_not_donated(params, "params")
+        _check_not_donated(opt_state, "opt_state")
+        grads, value = grad_fn(params, *args, **kwargs)
+        loss, aux = value if has_aux else (value, None)
+        new_params, new_state = apply_gradients(tx, grads, opt_state, params, donate=donate, value=loss)
+        if has_aux:
+            return new_params, new_state, loss, aux
+        return new_params, new_state, loss
+
+    step.__doc__ = (
+        "One training step: returns (params, opt_state, loss"
+        + (", aux)" if has_aux else ")")
+        + (". Donates the params and opt_state passed in." if donate else ".")
+    )
+    return step

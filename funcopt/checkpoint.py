@@ -454,7 +454,8 @@ class _Loader:
             if template.dtype != want:
                 raise CheckpointError(
                     f"{self.reader.file}: leaf at {path} has dtype {template.dtype} in like but {saved} on "
-                    f"disk. Pass dtype={template.dtype} (or a dict {{{saved}: {template.dtype}}}) to convert.",
+                    f"disk{f' ({want} after dtype=)' if want != saved else ''}. Pass dtype={template.dtype} "
+                    f"(or a dict {{{saved}: {template.dtype}}}) to convert.",
                     self.reader.file,
                 )
         default = template.device if template is not None else torch.device("cpu")

@@ -190,23 +190,26 @@ class Reader:
     def _parse(self) -> None:
         self.file_size = os.fstat(self._f.fileno()).st_size
         head = self._f.read(8)
-        if head[:2] == b"PK":
-            raise self._fail(
-                "this is a zip archive (what torch.save writes), not a funcopt/safetensors checkpoint. "
-                "funcopt never unpickles; load it with torch.load(weights_only=True) in a trusted "
-                "environment and re-save it with funcopt.checkpoint.save.")
-        if head[:1] == b"\x80":
-            raise self._fail(
-                "this is a pickle file, not a funcopt/safetensors checkpoint; it was not unpickled "
-                "(unpickling can run arbitrary code). Re-save trusted data with funcopt.checkpoint.save.")
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        first = self._f.read(1) if 0 < n <= min(MAX_HEADER, self.file_size - 8) else b""
+        if first != b"{":
+            if head[:4] == b"PK\x03\x04":
+                raise self._fail(
+                    "this is a zip archive (what torch.save writes), not a funcopt/safetensors checkpoint. "
+                    "funcopt never unpickles; load it with torch.load(weights_only=True) in a trusted "
+                    "environment and re-save it with funcopt.checkpoint.save.")
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                raise self._fail(
+                    "this is a pickle file, not a funcopt/safetensors checkpoint; it was not unpickled "
+                    "(unpickling can run arbitrary code). Re-save trusted data with funcopt.checkpoint.save.")
         if len(head) < 8:
             raise self._fail(f"file is truncated or empty ({self.file_size} bytes; a checkpoint has at least 8).")
-        n = int.from_bytes(head, "little")
         if n > MAX_HEADER or n > self.file_size - 8:
             hint = " It looks like a protocol-0/1 pickle, which is never unpickled." if head[:1] in b"(c]}" else ""
             raise self._fail(
                 f"the header length field says {n} bytes but the file has {self.file_size} bytes: the file "
                 f"is truncated, corrupted, or not a safetensors checkpoint.{hint}")
+        self._f.seek(8)
         raw = self._f.read(n)
         if not raw.lstrip(b" ").startswith(b"{"):
             raise self._fail("the header does not start with '{': not a safetensors/funcopt checkpoint (wrong header).")

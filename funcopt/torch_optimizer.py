@@ -1,0 +1,552 @@
+"""Run any funcopt transformation as a ``torch.optim.Optimizer``: :func:`as_torch_optimizer`.
+
+For training code that expects a torch optimizer (an ordinary ``loss.backward(); opt.step()``
+loop, PyTorch Lightning's ``configure_optimizers``, ``torch.optim.lr_scheduler``)::
+
+    tx = funcopt.inject_hyperparams(funcopt.adamw)(learning_rate=1e-3, weight_decay=1e-2)
+    opt = funcopt.as_torch_optimizer(tx, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        sched.step()
+
+The torch side is stateful by nature (it writes the parameters in place); the funcopt state
+inside stays a pure pytree (:attr:`FuncoptOptimizer.funcopt_state`) updated by ``tx.update``,
+so the trajectory equals the functional loop's. ``state_dict()`` holds only tensors and plain
+Python containers (NamedTuples become tagged dicts, see :func:`state_to_plain`), so
+``torch.save`` / ``torch.load(weights_only=True)`` round-trip it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Callable
+from collections.abc import Iterable
+
+import optree
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import FuncoptError, GradientTransformation, PyTree
+from funcopt.inject import _find_states, set_hyperparams
+
+__all__ = ["FuncoptOptimizer", "as_torch_optimizer", "state_to_plain", "state_from_plain"]
+
+_TAG = "__funcopt_type__"
+_FORMAT = "funcopt.FuncoptOptimizer/1"
+# torch.optim's name of a hyperparameter -> funcopt's (the rest keep their funcopt names).
+_TORCH_NAMES = {"lr": "learning_rate"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pytrees <-> plain containers (for torch.save(weights_only=True))
+
+
+def state_to_plain(tree: PyTree) -> Any:
+    """Converts a pytree (NamedTuples included) to tensors in plain dicts/lists.
+
+    Like ``flax.serialization.to_state_dict``: each container becomes a dict tagged with its
+    kind (``{"__funcopt_type__": "namedtuple", "type": "module:QualName", "fields": {...}}``,
+    ``"tuple"``, ``"list"`` or ``"dict"``), so the result loads with
+    ``torch.load(weights_only=True)`` (no pickled classes) and :func:`state_from_plain` rebuilds
+    the original types. Leaves may be tensors, Python scalars, strings or ``None``.
+
+    Raises:
+        TypeError: naming the path of a leaf of another type.
+    """
+
+    def enc(node: Any, path: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            return node.detach()
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            cls = type(node)
+            return {
+                _TAG: "namedtuple",
+                "type": f"{cls.__module__}:{cls.__qualname__}",
+                "fields": {f: enc(v, f"{path}.{f}") for f, v in zip(node._fields, node)},
+            }
+        if isinstance(node, (tuple, list)):
+            kind = "tuple" if isinstance(node, tuple) else "list"
+            return {_TAG: kind, "items": [enc(v, f"{path}[{i}]") for i, v in enumerate(node)]}
+        if isinstance(node, dict):
+            for k in node:
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise TypeError(f"state_to_plain: dict key {k!r} at {path or '<root>'} is not a str or int.")
+            return {
+                _TAG: "dict",
+                "keys": list(node),
+                "values": [enc(v, f"{path}[{k!r}]") for k, v in node.items()],
+            }
+        raise TypeError(
+            f"state_to_plain: leaf at {path or '<root>'} is a {type(node).__name__}; only tensors, "
+            "Python scalars, strings, None, dicts, lists, tuples and NamedTuples can be saved."
+        )
+
+    return enc(tree, "")
+
+
+def _resolve_namedtuple(type_name: str, fields: list[str], path: str) -> type:
+    module_name, _, qualname = type_name.partition(":")
+    module = sys.modules.get(module_name)
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, tuple) and list(getattr(obj, "_fields", ())) == fields):
+        raise FuncoptError(
+            f"state_from_plain: cannot rebuild the NamedTuple {type_name!r} at {path or '<root>'} "
+            f"(module not imported, or its fields differ from {fields}). Import the module that "
+            "defines it, or pass like= (e.g. tx.init(params)) to rebuild from a template."
+        )
+    return obj
+
+
+def state_from_plain(plain: Any, like: PyTree | None = None) -> PyTree:
+    """Inverse of :func:`state_to_plain`; with ``like=`` (a template such as ``tx.init(params)``)
+    checks every container type, shape and dtype against it and moves each tensor to the device
+    of the template's leaf (the ``map_location`` of ``torch.load`` done per leaf).
+
+    Without ``like``, NamedTuple types are looked up only in already imported modules (nothing is
+    imported or executed on load).
+
+    Raises:
+        FuncoptError: naming the first path where ``plain`` and ``like`` differ.
+    """
+
+    def mismatch(path: str, what: str) -> FuncoptError:
+        return FuncoptError(
+            f"state_from_plain: at {path or '<root>'}: {what}. The saved state does not fit this "
+            "optimizer (was it saved from a different transformation or different params?)."
+        )
+
+    def dec(node: Any, tmpl: Any, path: str) -> Any:
+        has_t = tmpl is not _NO_TEMPLATE
+        if isinstance(node, torch.Tensor):
+            if not has_t:
+                return node
+            if not isinstance(tmpl, torch.Tensor):
+                raise mismatch(path, f"saved a tensor, expected {_tree._describe(tmpl)}")
+            if node.shape != tmpl.shape or node.dtype != tmpl.dtype:
+                raise mismatch(
+                    path,
+                    f"saved {node.dtype} of shape {tuple(node.shape)}, expected {tmpl.dtype} of "
+                    f"shape {tuple(tmpl.shape)}",
+                )
+            return node.to(tmpl.device)
+        if not isinstance(node, dict) or _TAG not in node:
+            if has_t and (isinstance(tmpl, torch.Tensor) or type(node) is not type(tmpl)):
+                raise mismatch(path, f"saved {_tree._describe(node)}, expected {_tree._describe(tmpl)}")
+            return node
+        kind = node[_TAG]
+        if kind == "namedtuple":
+            fields = list(node["fields"])
+            if has_t:
+                if not (isinstance(tmpl, tuple) and hasattr(tmpl, "_fields")):
+                    raise mismatch(path, f"saved a NamedTuple {node['type']}, expected {_tree._describe(tmpl)}")
+                cls = type(tmpl)
+                saved_name = node["type"].partition(":")[2]
+                if saved_name != cls.__qualname__ or fields != list(cls._fields):
+                    raise mismatch(path, f"saved {saved_name}{tuple(fields)}, expected {_tree._describe(tmpl)}")
+            else:
+                cls = _resolve_namedtuple(node["type"], fields, path)
+            return cls(
+                *(
+                    dec(node["fields"][f], getattr(tmpl, f) if has_t else _NO_TEMPLATE, f"{path}.{f}")
+                    for f in fields
+                )
+            )
+        if kind in ("tuple", "list"):
+            items = node["items"]
+            want = tuple if kind == "tuple" else list
+            if has_t and (type(tmpl) is not want or len(tmpl) != len(items)):
+                raise mismatch(path, f"saved a {kind} of length {len(items)}, expected {_tree._describe(tmpl)}")
+            out = [dec(v, tmpl[i] if has_t else _NO_TEMPLATE, f"{path}[{i}]") for i, v in enumerate(items)]
+            return want(out)
+        if kind == "dict":
+            keys = node["keys"]
+            if has_t and (not isinstance(tmpl, dict) or set(tmpl) != set(keys)):
+                raise mismatch(path, f"saved a dict with keys {sorted(map(str, keys))}, expected {_tree._describe(tmpl)}")
+            return {
+                k: dec(v, tmpl[k] if has_t else _NO_TEMPLATE, f"{path}[{k!r}]")
+                for k, v in zip(keys, node["values"])
+            }
+        raise FuncoptError(f"state_from_plain: unknown container tag {kind!r} at {path or '<root>'}.")
+
+    return dec(plain, _NO_TEMPLATE if like is None else like, "")
+
+
+_NO_TEMPLATE = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def _collect_params(params_or_module: Any) -> PyTree:
+    if isinstance(params_or_module, torch.nn.Module):
+        tree = {k: p for k, p in params_or_module.named_parameters() if p.requires_grad}
+        if not tree:
+            raise FuncoptError(
+                f"as_torch_optimizer: the {type(params_or_module).__name__} has no parameters with "
+                "requires_grad=True; there is nothing to optimize."
+            )
+        return tree
+    if isinstance(params_or_module, torch.Tensor):
+        raise TypeError(
+            "as_torch_optimizer expects a module, a dict/list (pytree) of parameters or an iterable "
+            "of them, got a single tensor. Wrap it: as_torch_optimizer(tx, [weight])."
+        )
+    tree = params_or_module
+    if not isinstance(tree, (dict, list, tuple)) and isinstance(tree, Iterable):
+        tree = list(tree)
+    if isinstance(tree, (list, tuple)) and any(isinstance(g, dict) and "params" in g for g in tree):
+        raise FuncoptError(
+            "as_torch_optimizer takes one tree of parameters, not torch param groups (dicts with "
+            "'params'). Express per-group settings inside the transformation instead, e.g. "
+            "funcopt.chain(funcopt.add_decayed_weights(1e-2, mask=...), ...), and pass "
+            "dict(model.named_parameters())."
+        )
+    leaves = _tree.leaves(tree)
+    if not leaves:
+        raise FuncoptError("as_torch_optimizer got an empty parameter list; pass model or model.parameters().")
+    for path, p in zip(_tree.paths(tree), leaves):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"as_torch_optimizer: leaf {path} is a {type(p).__name__}, not a tensor parameter.")
+        if not p.is_leaf or not p.requires_grad:
+            raise FuncoptError(
+                f"as_torch_optimizer: leaf {path} must be a leaf tensor with requires_grad=True "
+                "(an nn.Parameter), like the parameters torch.optim optimizers take."
+            )
+    return tree
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.numel() else 0
+
+
+class FuncoptOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a funcopt ``GradientTransformation``.
+
+    Build it with :func:`as_torch_optimizer`. It has one param group. ``step()`` gathers each
+    parameter's ``.grad`` into the params' pytree, runs ``tx.update`` and writes the new values
+    into the parameters in place; ``funcopt_state`` holds the pure funcopt state.
+    """
+
+    def __init__(self, tx: GradientTransformation, params_or_module: Any):
+        if not isinstance(tx, GradientTransformation):
+            raise TypeError(
+                f"as_torch_optimizer expects a GradientTransformation (e.g. funcopt.adam(1e-3)), got "
+                f"{type(tx).__name__}."
+            )
+        tree = _collect_params(params_or_module)
+        self._tx = tx
+        self._spec = _tree.structure(tree)
+        self._paths = _tree.paths(tree)
+        leaves = _tree.leaves(tree)
+        self._ready = False
+        self._fstate = tx.init(self._params_view(leaves))
+        self._fstate = self._unalias(self._fstate, leaves)
+        self._devices = tuple(p.device for p in leaves)
+        self._hp_keys = self._hyperparam_keys()
+        values = self._hyperparam_values()
+        defaults = dict(values) if values else {"lr": None}
+        super().__init__(leaves, defaults)
+        self._written: dict[str, Any] = {}
+        self._publish(values)
+        self._ready = True
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def transformation(self) -> GradientTransformation:
+        """The wrapped funcopt transformation."""
+        return self._tx
+
+    @property
+    def funcopt_state(self) -> Any:
+        """The current funcopt state (a pytree, as ``tx.init`` / ``tx.update`` return it)."""
+        return self._fstate
+
+    @funcopt_state.setter
+    def funcopt_state(self, state: Any) -> None:
+        if _tree.structure(state) != _tree.structure(self._fstate):
+            _tree.check_same_structure(state, self._fstate, ("new state", "current state"))
+        self._fstate = state
+        self._publish(self._hyperparam_values())
+
+    def _leaves(self) -> list[torch.Tensor]:
+        return list(self.param_groups[0]["params"]) if self._ready else []
+
+    def _params_view(self, leaves: list[torch.Tensor]) -> PyTree:
+        return optree.tree_unflatten(self._spec, [p.detach() for p in leaves])
+
+    @property
+    def params(self) -> PyTree:
+        """The parameters as a pytree of detached views (like ``funcopt.nn.extract(copy=False)``)."""
+        return self._params_view(self._leaves())
+
+    def _unalias(self, state: Any, leaves: list[torch.Tensor]) -> Any:
+        """Clones state tensors that share storage with a parameter or a ``.grad``.
+
+        The parameters are written in place after each step and ``.grad`` is zeroed or
+        accumulated into; a state leaf kept by reference would silently change with them.
+        """
+        ptrs = {_storage_ptr(p) for p in leaves}
+        ptrs |= {_storage_ptr(p.grad) for p in leaves if p.grad is not None}
+        ptrs.discard(0)
+        return _tree.map(
+            lambda x: x.clone() if isinstance(x, torch.Tensor) and _storage_ptr(x) in ptrs else x, state
+        )
+
+    def _hyperparam_keys(self) -> dict[str, str]:
+        """Maps param-group keys to injected hyperparameter names."""
+        found = _find_states(self._fstate)
+        names: set[str] = set().union(*(s.hyperparams for s in found)) if found else set()
+        keys = {}
+        reverse = {v: k for k, v in _TORCH_NAMES.items()}
+        for name in sorted(names):
+            keys[reverse.get(name, name)] = name
+        return keys
+
+    def _hyperparam_values(self) -> dict[str, Any]:
+        found = _find_states(self._fstate)
+        if not found:
+            return {}
+        hp: dict[str, torch.Tensor] = {}
+        for s in reversed(found):  # the outermost state wins, as in get_hyperparams
+            hp.update(s.hyperparams)
+        values = {}
+        for key, name in self._hp_keys.items():
+            v = hp[name]
+            values[key] = float(v) if v.dim() == 0 else v.detach().clone()
+        if "b1" in self._hp_keys and "b2" in self._hp_keys:
+            values["betas"] = (values["b1"], values["b2"])
+        return values
+
+    def _publish(self, values: dict[str, Any]) -> None:
+        group = self.param_groups[0]
+        if not values:
+            group.setdefault("lr", None)
+            self._written = {"lr": group["lr"]}
+            return
+        group.update(values)
+        self._written = dict(values)
+
+    def _read_changes(self) -> dict[str, Any]:
+        """Hyperparameters the user (or an LR scheduler) wrote into the param group."""
+        group = self.param_groups[0]
+        if not self._hp_keys:
+            if group.get("lr") is not None:
+                raise FuncoptError(
+                    f"param_groups[0]['lr'] was set to {group['lr']!r} (by an LR scheduler or by "
+                    "hand), but this transformation keeps its learning rate fixed inside its "
+                    "closures, so the change would be ignored. Build it with "
+                    "funcopt.inject_hyperparams, e.g. inject_hyperparams(funcopt.adam)(learning_rate=1e-3), "
+                    "to let torch.optim.lr_scheduler drive the learning rate."
+                )
+            return {}
+        changes: dict[str, Any] = {}
+        for key, name in self._hp_keys.items():
+            if key in group and not _same(group[key], self._written.get(key)):
+                changes[name] = group[key]
+        if "betas" in group and not _same(group["betas"], self._written.get("betas")):
+            b1, b2 = group["betas"]
+            changes.setdefault("b1", b1)
+            changes.setdefault("b2", b2)
+        return changes
+
+    def _sync_devices(self) -> None:
+        """Moves the funcopt state after the parameters when they changed device (``module.to``)."""
+        leaves = self._leaves()
+        devices = tuple(p.device for p in leaves)
+        if devices == self._devices:
+            return
+        template = self._tx.init(self._params_view(leaves))
+        self._fstate = _tree.map(
+            lambda x, t: x.to(t.device) if isinstance(x, torch.Tensor) else x, self._fstate, template
+        )
+        self._devices = devices
+
+    def _grads(self, leaves: list[torch.Tensor], clone: bool) -> PyTree:
+        grads = []
+        for path, p in zip(self._paths, leaves):
+            g = p.grad
+            if g is None:
+                g = torch.zeros_like(p)
+            elif g.is_sparse:
+                raise TypeError(f"FuncoptOptimizer: the gradient of {path} is sparse; funcopt needs dense gradients.")
+            else:
+                g = g.detach().clone() if clone else g.detach()
+            grads.append(g)
+        return optree.tree_unflatten(self._spec, grads)
+
+    def _evaluator(self, closure: Callable[[], Any], leaves: list[torch.Tensor]) -> Callable[[PyTree], tuple]:
+        def value_and_grad(trial: PyTree) -> tuple[torch.Tensor, PyTree]:
+            with torch.no_grad():
+                for p, t in zip(leaves, _tree.leaves(trial)):
+                    p.copy_(t)
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, torch.Tensor):
+                raise FuncoptError(
+                    f"the closure passed to step() must return the loss tensor, got {type(loss).__name__}."
+                )
+            return loss.detach(), self._grads(leaves, clone=True)
+
+        return value_and_grad
+
+    # -- torch.optim.Optimizer API -------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Runs one ``tx.update`` on the current gradients and writes the params in place.
+
+        With ``closure`` (re-evaluates the model and returns the loss after ``backward()``, as for
+        ``torch.optim.LBFGS``) the closure is called first, and the transformation also gets
+        ``value=``, ``grad=`` and ``value_and_grad_fn=`` (the closure at trial params), which
+        line searches such as ``funcopt.lbfgs()`` use.
+
+        Returns:
+            The closure's loss, or ``None`` without a closure.
+        """
+        self._sync_devices()
+        changes = self._read_changes()
+        if changes:
+            # Python floats go through float64 so that no precision is lost on the way in.
+            changes = {
+                k: torch.tensor(v, dtype=torch.float64) if isinstance(v, (int, float)) else v
+                for k, v in changes.items()
+            }
+            self._fstate = set_hyperparams(self._fstate, **changes)
+        leaves = self._leaves()
+        loss = None
+        if closure is None:
+            params = self._params_view(leaves)
+            grads = self._grads(leaves, clone=False)
+            extra: dict[str, Any] = {}
+        else:
+            with torch.enable_grad():
+                loss = closure()
+            params = optree.tree_unflatten(self._spec, [p.detach().clone() for p in leaves])
+            grads = self._grads(leaves, clone=True)
+            value = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            extra = {"value": value, "grad": grads, "value_and_grad_fn": self._evaluator(closure, leaves)}
+        updates, new_state = self._tx.update(grads, self._fstate, params, **extra)
+        if _tree.structure(updates) != self._spec:
+            _tree.check_same_structure(updates, params, ("updates", "params"))
+        for p, x, u in zip(leaves, _tree.leaves(params), _tree.leaves(updates)):
+            if closure is None and u.dtype == p.dtype and u.shape == p.shape:
+                p.add_(u)
+            else:
+                p.copy_(x + u)
+        self._fstate = self._unalias(new_state, leaves)
+        self._publish(self._hyperparam_values())
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only used once, by the constructor: a funcopt optimizer has exactly one group."""
+        if getattr(self, "_ready", False):
+            raise FuncoptError(
+                "FuncoptOptimizer has a single parameter group; build a new optimizer over all "
+                "parameters, with per-group settings expressed by masks in the transformation."
+            )
+        super().add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The funcopt state as tensors in plain containers, plus the param group's settings.
+
+        Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``.
+        """
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        group["params"] = list(range(len(self._paths)))
+        return {
+            "format": _FORMAT,
+            "state": {},
+            "param_groups": [group],
+            "param_paths": list(self._paths),
+            "funcopt_state": state_to_plain(self._fstate),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict`, moving each state tensor to its parameter's device.
+
+        Raises:
+            FuncoptError: if the state dict comes from another kind of optimizer, other
+                parameters or another transformation (naming the first differing path).
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise FuncoptError(
+                f"FuncoptOptimizer.load_state_dict expects a dict from FuncoptOptimizer.state_dict() "
+                f"(format {_FORMAT!r}), got {keys}. A torch.optim state_dict cannot be loaded here."
+            )
+        saved_paths = list(state_dict["param_paths"])
+        if saved_paths != self._paths:
+            diff = next(
+                (f"#{i}: saved {a}, here {b}" for i, (a, b) in enumerate(zip(saved_paths, self._paths)) if a != b),
+                f"saved {len(saved_paths)} parameters, here {len(self._paths)}",
+            )
+            raise FuncoptError(
+                f"FuncoptOptimizer.load_state_dict: the parameters differ from the saved ones ({diff}). "
+                "Build the optimizer over the same model/parameter tree that was saved."
+            )
+        self._sync_devices()
+        self._fstate = state_from_plain(state_dict["funcopt_state"], like=self._fstate)
+        saved_group = state_dict["param_groups"][0]
+        group = self.param_groups[0]
+        for k, v in saved_group.items():
+            if k != "params" and k not in self._hp_keys and k not in ("betas", "lr"):
+                group[k] = v  # e.g. 'initial_lr' written by an LR scheduler
+        self._publish(self._hyperparam_values())
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def as_torch_optimizer(tx: GradientTransformation, params_or_module: Any) -> FuncoptOptimizer:
+    """Wraps a funcopt transformation as a ``torch.optim.Optimizer``, like
+    ``torch.optim.Adam(model.parameters())`` but with any funcopt ``tx``.
+
+    Use it where code expects a torch optimizer: a ``loss.backward(); opt.step()`` loop,
+    Lightning's ``configure_optimizers``, ``torch.optim.lr_scheduler``. The parameters' values
+    follow exactly the functional loop ``updates, state = tx.update(grads, state, params);
+    params = funcopt.apply_updates(params, updates)``.
+
+    Args:
+        tx: any ``GradientTransformation`` (chains, schedules, masks, ``funcopt.lbfgs()`` driven
+            by ``step(closure)``).
+        params_or_module: an ``nn.Module`` (its trainable parameters, as a dict keyed by their
+            names, form the params pytree the transformation sees), a dict or other pytree of
+            parameters, or an iterable of them (a list).
+
+    Returns:
+        A :class:`FuncoptOptimizer` with one param group. Parameters whose ``.grad`` is ``None``
+        at ``step()`` get a zero gradient (torch.optim skips them instead; with a stateful
+        transformation such as Adam the moments of such a parameter still decay).
+
+    Hyperparameters in ``param_groups[0]``:
+        When ``tx`` comes from ``funcopt.inject_hyperparams``, each injected hyperparameter is
+        mirrored as a float in the group: ``learning_rate`` as ``'lr'``, ``b1``/``b2`` also as
+        ``'betas'``, the others under their own names (``'momentum'``, ``'weight_decay'``).
+        Writing one (``StepLR``, ``OneCycleLR``, by hand) changes the state's value used from
+        the next step on (``funcopt.set_hyperparams``). A hyperparameter that is itself a schedule
+        is recomputed by its schedule at each step, so writing it has no lasting effect. Without
+        ``inject_hyperparams`` the learning rate is baked into the transformation: ``'lr'`` is
+        ``None`` and setting it raises ``FuncoptError`` at the next step instead of being
+        silently ignored.
+
+    Example:
+        >>> tx = funcopt.inject_hyperparams(funcopt.sgd)(learning_rate=0.1, momentum=0.9)
+        >>> opt = funcopt.as_torch_optimizer(tx, model)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
+    """
+    return FuncoptOptimizer(tx, params_or_module)

@@ -237,15 +237,19 @@ def test_user_namedtuples_need_register_or_like(tmp_path):
 
 
 def test_class_names_in_a_file_never_import_foreign_modules(tmp_path):
-    Evil = NamedTuple("Evil", [("x", torch.Tensor)])
-    Evil.__module__ = "funcopt_evil_module_never_imported"
+    class Evil(NamedTuple):
+        x: torch.Tensor
+
+    Evil.__module__, Evil.__qualname__ = "funcopt_evil_module_never_imported", "Evil"
     f = tmp_path / "e.safetensors"
     ck.save(f, [Evil(torch.ones(1))])
     with pytest.raises(CheckpointError, match=r"node at \[0\] is a NamedTuple 'funcopt_evil_module_never_imported:Evil'"):
         ck.load(f)
     assert "funcopt_evil_module_never_imported" not in sys.modules
     # a funcopt module path that does not hold a NamedTuple is refused too
-    Fake = NamedTuple("GradientTransformationX", [("x", torch.Tensor)])
+    class Fake(NamedTuple):
+        x: torch.Tensor
+
     Fake.__module__, Fake.__qualname__ = "funcopt.base", "FuncoptError"
     ck.save(f, Fake(torch.ones(1)))
     with pytest.raises(CheckpointError, match="neither a funcopt state type nor registered"):
@@ -253,7 +257,9 @@ def test_class_names_in_a_file_never_import_foreign_modules(tmp_path):
 
 
 def test_changed_fields_are_reported(tmp_path):
-    Old = NamedTuple("TraceState", [("count", torch.Tensor)])
+    class Old(NamedTuple):
+        count: torch.Tensor
+
     Old.__module__, Old.__qualname__ = "funcopt.transforms", "TraceState"
     f = tmp_path / "o.safetensors"
     ck.save(f, Old(torch.tensor(1)))

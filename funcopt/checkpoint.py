@@ -50,6 +50,7 @@ from funcopt.checkpoint_format import (
 
 __all__ = [
     "CheckpointError",
+    "CheckpointManager",
     "CheckpointInfo",
     "LeafInfo",
     "DeviceSpec",
@@ -742,3 +743,6 @@ def device_put(
         return t.to(target, non_blocking=non_blocking)
 
     return _map_tensors(move, tree, "")
+
+
+from funcopt.checkpoint_manager import CheckpointManager  # noqa: E402  (it builds on save/load above)

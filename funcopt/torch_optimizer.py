@@ -438,12 +438,13 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         updates, new_state = self._tx.update(grads, self._fstate, params, **extra)
         if _tree.structure(updates) != self._spec:
             _tree.check_same_structure(updates, params, ("updates", "params"))
+        # Unalias before writing: the new state may hold the params/grads passed in as views.
+        self._fstate = self._unalias(new_state, leaves)
         for p, x, u in zip(leaves, _tree.leaves(params), _tree.leaves(updates)):
             if closure is None and u.dtype == p.dtype and u.shape == p.shape:
                 p.add_(u)
             else:
                 p.copy_(x + u)
-        self._fstate = self._unalias(new_state, leaves)
         self._publish(self._hyperparam_values())
         return loss
 

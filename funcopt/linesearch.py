@@ -121,6 +121,15 @@ def _init_state(cls: type, params: PyTree) -> Any:
     )
 
 
+def _check_scalar(name: str, v: Any) -> None:
+    if not isinstance(v, torch.Tensor) or v.dim() != 0:
+        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise FuncoptError(
+            f"{name}: the objective must return a 0-dim tensor, got {shape}. Reduce the loss "
+            "(e.g. .mean()) and return auxiliary outputs separately."
+        )
+
+
 def _evaluator(name: str, value_fn: Any, value_and_grad_fn: Any) -> Callable[[PyTree], tuple]:
     """Returns ``params -> (value, grad)`` from the objective passed to ``update``."""
     if value_and_grad_fn is not None:
@@ -130,7 +139,12 @@ def _evaluator(name: str, value_fn: Any, value_and_grad_fn: Any) -> Callable[[Py
     elif value_fn is not None:
         if not callable(value_fn):
             raise FuncoptError(f"{name}: value_fn must be callable params -> 0-dim loss tensor.")
-        grad_and_value = torch.func.grad_and_value(value_fn)
+        def checked(p):
+            v = value_fn(p)
+            _check_scalar(name, v)
+            return v
+
+        grad_and_value = torch.func.grad_and_value(checked)
 
         def fn(p):
             g, v = grad_and_value(p)
@@ -148,12 +162,7 @@ def _evaluator(name: str, value_fn: Any, value_and_grad_fn: Any) -> Callable[[Py
         if not (isinstance(out, tuple) and len(out) == 2):
             raise FuncoptError(f"{name}: value_and_grad_fn must return a (value, grad) pair.")
         v, g = out
-        if not isinstance(v, torch.Tensor) or v.dim() != 0:
-            shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise FuncoptError(
-                f"{name}: the objective must return a 0-dim tensor, got {shape}. Reduce the loss "
-                "(e.g. .mean()) and return auxiliary outputs separately."
-            )
+        _check_scalar(name, v)
         return v.detach(), _tree.map(lambda x: x.detach(), g)
 
     return evaluate

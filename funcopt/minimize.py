@@ -110,14 +110,16 @@ def minimize(
     def counted(p: PyTree) -> torch.Tensor:
         nonlocal evals
         evals += 1
-        return fun(p)
+        v = fun(p)
+        if not isinstance(v, torch.Tensor) or v.dim() != 0:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise FuncoptError(f"minimize: fun must return a 0-dim tensor, got {got} (reduce the loss, e.g. .mean()).")
+        return v
 
     grad_and_value = torch.func.grad_and_value(counted)
 
     def evaluate(p: PyTree) -> tuple[torch.Tensor, PyTree]:
         g, v = grad_and_value(p)
-        if not isinstance(v, torch.Tensor) or v.dim() != 0:
-            raise FuncoptError("minimize: fun must return a 0-dim tensor (reduce the loss, e.g. .mean()).")
         return v.detach(), _tree.map(lambda x: x.detach(), g)
 
     if state is None:

@@ -460,6 +460,25 @@ class _LrSetter:
             )
 
 
+def _cast_hyperparams(state: Any, dtype: torch.dtype) -> Any:
+    """``state`` with every floating injected hyperparameter cast to ``dtype``.
+
+    Under ``vmap`` a batched hyperparameter is no longer a 0-dim "scalar" to type promotion,
+    so float64 hyperparameters next to float32 params make kernels such as ``torch.lerp``
+    (Adam's moments) reject the mix; the params' own dtype avoids that.
+    """
+    if isinstance(state, InjectHyperparamsState):
+        hp = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.hyperparams.items()}
+        return state._replace(hyperparams=hp, inner_state=_cast_hyperparams(state.inner_state, dtype))
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_cast_hyperparams(c, dtype) for c in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(_cast_hyperparams(c, dtype) for c in state)
+    if isinstance(state, dict):
+        return {k: _cast_hyperparams(c, dtype) for k, c in state.items()}
+    return state
+
+
 def _injected_with_lr(state: Any) -> list[InjectHyperparamsState]:
     found: list[InjectHyperparamsState] = []
 
@@ -772,6 +791,9 @@ def lr_sweep(
     _check_params(params, "lr_sweep")
     params = _tree.map(lambda p: p.detach(), params)
     tx, state0, set_lr = _prepare(optimizer, params, opt_state, lrs[0])
+    dtypes = {p.dtype for p in _tree.leaves(params)}
+    if len(dtypes) == 1:
+        state0 = _cast_hyperparams(state0, dtypes.pop())
     k = len(lrs)
 
     # Stack K copies; keep only tensor leaves of the state batched (Python values stay static).

@@ -475,6 +475,22 @@ def test_lr_sweep_adam_groups_and_diverging_lanes():
     assert d.to_dict()["suggestions"]["best"] == d.lrs[1]
 
 
+def test_lr_sweep_float32_params_with_float64_injected_hyperparams():
+    # inject_hyperparams keeps float64 hyperparameters; batched under vmap they would meet float32
+    # moments in torch.lerp. lr_sweep casts them to the params' dtype.
+    module, params, _, (X, Y) = mlp_problem(dtype=torch.float32, n=32)
+    params = {k: v.float() for k, v in params.items()}
+
+    def loss_fn(p, b):
+        return torch.nn.functional.cross_entropy(funcopt.nn.apply(module, p, None, b[0]), b[1])
+
+    tx = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-3)
+    assert tx.init(params).hyperparams["b1"].dtype == F64
+    s = lr_sweep(loss_fn, params, tx, [(X, Y)], min_lr=1e-3, max_lr=0.1, num_lrs=3, steps=5, progress=False)
+    for lr, curve in zip(s.lrs, s.train_losses):
+        np.testing.assert_allclose(curve, _separate_run(params, loss_fn, [(X, Y)], funcopt.adam(lr), 5)[0], rtol=1e-5)
+
+
 def test_lr_sweep_accumulate_and_eval_batch():
     _, params, loss_fn, batches = _problem(n=64)
     merged = [tuple(torch.cat([b[j] for b in batches[i : i + 2]]) for j in range(2)) for i in range(0, 8, 2)]

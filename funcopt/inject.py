@@ -183,7 +183,10 @@ def set_hyperparams(state: Any, **values: Any) -> Any:
             for k, v in values.items():
                 if k in hp:
                     old = hp[k]
-                    hp[k] = torch.as_tensor(v).to(device=old.device, dtype=old.dtype)
+                    if isinstance(v, torch.Tensor):
+                        hp[k] = v.to(device=old.device, dtype=old.dtype)
+                    else:  # build in the target dtype: a float32 detour would round 0.01
+                        hp[k] = torch.tensor(v, device=old.device, dtype=old.dtype)
             return node._replace(hyperparams=hp, inner_state=replace(node.inner_state))
         if isinstance(node, tuple) and hasattr(node, "_fields"):
             return type(node)(*(replace(c) for c in node))

@@ -1,0 +1,240 @@
+"""The fast path (funcopt/fused.py): same numbers and state as the reference chain, used only where valid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optree
+import pytest
+import torch
+
+import funcopt
+from funcopt import fused, tree
+from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
+
+CONFIGS = {
+    "sgd": lambda: funcopt.sgd(0.1),
+    "sgd_l2_maximize": lambda: funcopt.sgd(0.1, weight_decay=0.1, maximize=True),
+    "sgd_momentum_dampening_l2": lambda: funcopt.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
+    "sgd_nesterov_maximize": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True, maximize=True),
+    "adam": lambda: funcopt.adam(1e-2),
+    "adam_amsgrad_l2_maximize": lambda: funcopt.adam(1e-2, amsgrad=True, weight_decay=1e-2, maximize=True),
+    "adam_schedule": lambda: funcopt.adam(lambda count: 1e-2 / (1 + count)),
+    "adam_tensor_lr": lambda: funcopt.adam(torch.tensor(1e-2, dtype=torch.float64)),
+    "adamw": lambda: funcopt.adamw(1e-2),
+    "adamw_amsgrad_maximize": lambda: funcopt.adamw(1e-2, amsgrad=True, maximize=True),
+    "adagrad_lr_decay_l2": lambda: funcopt.adagrad(lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1),
+    "adagrad_maximize": lambda: funcopt.adagrad(maximize=True),
+    "rmsprop": lambda: funcopt.rmsprop(),
+    "rmsprop_centered_momentum_l2_maximize": lambda: funcopt.rmsprop(
+        centered=True, momentum=0.5, weight_decay=0.1, maximize=True
+    ),
+    "lion": lambda: funcopt.lion(3e-3),
+    "lion_no_decay": lambda: funcopt.lion(3e-3, weight_decay=0.0),
+}
+NAMES = sorted(CONFIGS)
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tree.map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), params)
+
+
+def _run(tx, params, steps, fast, start=0, state=None):
+    state = tx.init(params) if state is None else state
+    for i in range(start, start + steps):
+        grads = _grads(params, i)
+        with fused.fast_path_enabled(fast):
+            assert fused.fast_path_applies(tx, grads, state, params) == fast
+            updates, state = tx.update(grads, state, params)
+        params = funcopt.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_path_equals_reference_path(name, dtype):
+    params = nested_params(dtype)
+    fast = _run(CONFIGS[name](), params, 4, fast=True)
+    ref = _run(CONFIGS[name](), params, 4, fast=False)
+    tol = 2e-6 if dtype == torch.float32 else 1e-13
+    assert_trees_close(fast, ref, rtol=tol, atol=tol)
+    # Same pytree types and structure: checkpoints and vmap do not depend on the path.
+    assert optree.tree_structure(fast[1]) == optree.tree_structure(ref[1])
+    assert [type(s) for s in fast[1]] == [type(s) for s in ref[1]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_switching_paths_mid_run(name):
+    params = nested_params()
+    tx = CONFIGS[name]()
+    p, s = _run(tx, params, 2, fast=True)
+    p, s = _run(tx, p, 2, fast=False, start=2, state=s)
+    p, s = _run(tx, p, 1, fast=True, start=4, state=s)
+    expected = _run(tx, params, 5, fast=False)
+    assert_trees_close((p, s), expected, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_update_never_writes_into_its_inputs(name):
+    params = nested_params()
+    tx = CONFIGS[name]()
+    params, state = _run(tx, params, 2, fast=True)
+    grads = _grads(params, 9)
+    before = snapshot((grads, state, params))
+    versions = [x._version for x in tree.leaves((grads, state, params))]
+    assert fused.fast_path_applies(tx, grads, state, params)
+    updates, new_state = tx.update(grads, state, params)
+    assert_trees_equal((grads, state, params), before)
+    assert versions == [x._version for x in tree.leaves((grads, state, params))]
+    # The outputs share no memory with the inputs.
+    inputs = {x.data_ptr() for x in tree.leaves((grads, state, params)) if x.numel()}
+    assert not inputs & {x.data_ptr() for x in tree.leaves((updates, new_state)) if x.numel()}
+
+
+def test_mixed_float32_and_float64_leaves_run_fast_per_dtype():
+    params = {"a": torch.randn(5, dtype=torch.float32), "b": torch.randn(3, 2, dtype=torch.float64)}
+    for make in (CONFIGS["adam_amsgrad_l2_maximize"], CONFIGS["sgd_momentum_dampening_l2"], CONFIGS["lion"]):
+        fast = _run(make(), params, 3, fast=True)
+        ref = _run(make(), params, 3, fast=False)
+        assert_trees_close(fast, ref, rtol=2e-6, atol=1e-7)
+        assert fast[0]["a"].dtype == torch.float32 and fast[0]["b"].dtype == torch.float64
+
+
+def test_inject_hyperparams_takes_the_fast_path_and_is_bitwise_equal(monkeypatch):
+    calls = []
+    original = fused._FastPath.run
+    monkeypatch.setattr(fused._FastPath, "run", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    params = nested_params()
+    plain = funcopt.adam(1e-2, weight_decay=1e-3)
+    injected = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2, weight_decay=1e-3)
+    p1, s1 = params, plain.init(params)
+    p2, s2 = params, injected.init(params)
+    for i in range(3):
+        g = _grads(params, i)
+        u1, s1 = plain.update(g, s1, p1)
+        u2, s2 = injected.update(g, s2, p2)
+        p1, p2 = funcopt.apply_updates(p1, u1), funcopt.apply_updates(p2, u2)
+    assert len(calls) == 6
+    assert_trees_equal(p2, p1)
+    assert_trees_equal(s2.inner_state, s1)
+
+
+def _unsupported_cases():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    return {
+        "requires_grad": ({"w": x.clone().requires_grad_()}, None),
+        "non_contiguous": ({"w": x.t().contiguous().t()}, None),
+        "float16": ({"w": x.to(torch.float16)}, None),
+        "tied_params": ("tied", None),
+        "empty_tree": ({}, None),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_unsupported_cases()))
+def test_reference_path_where_the_fast_path_does_not_apply(case):
+    params, _ = _unsupported_cases()[case]
+    tx = funcopt.adam(1e-2, weight_decay=0.1)
+    if params == "tied":
+        w = torch.randn(3, dtype=torch.float64)
+        params = {"a": w, "b": w}
+    state = tx.init(params)
+    grads = tree.map(lambda p: torch.ones_like(p).detach(), params)
+    assert not fused.fast_path_applies(tx, grads, state, params)
+    updates, _ = tx.update(grads, state, params)
+    with fused.fast_path_enabled(False):
+        expected, _ = tx.update(grads, state, params)
+    assert_trees_equal(tree.map(torch.detach, updates), tree.map(torch.detach, expected))
+
+
+def test_masks_and_tensor_hyperparameters_requiring_grad_use_the_reference_path():
+    params = nested_params()
+    grads = _grads(params, 0)
+    masked = funcopt.adamw(1e-2, mask=tree.map(lambda _: True, params))
+    assert not fused.fast_path_applies(masked, grads, masked.init(params), params)
+    lr = torch.tensor(1e-2, dtype=torch.float64, requires_grad=True)
+    tx = funcopt.sgd(lr)
+    assert not fused.fast_path_applies(tx, grads, tx.init(params), params)
+    other = funcopt.chain(funcopt.clip(1.0), funcopt.adam(1e-2))
+    assert not fused.fast_path_applies(other, grads, other.init(params), params)
+    # A state of the wrong layout falls through to the reference path and its clear error.
+    adam = funcopt.adam(1e-2)
+    assert not fused.fast_path_applies(adam, grads, funcopt.sgd(0.1, momentum=0.9).init(params), params)
+    with pytest.raises(ValueError, match="expected its state"):
+        adam.update(grads, funcopt.lion(weight_decay=0.0).init(params), params)
+
+
+def test_vmap_runs_the_reference_path_and_matches_a_fast_loop():
+    members = [nested_params(seed=s) for s in range(3)]
+    tx = funcopt.adam(1e-2, amsgrad=True)
+    expected = []
+    for j, m in enumerate(members):
+        p, s = m, tx.init(m)
+        for i in range(2):
+            u, s = tx.update(_grads(m, 10 * j + i), s, p)
+            p = funcopt.apply_updates(p, u)
+        expected.append(p)
+    stacked = tree.stack(members)
+    state = torch.func.vmap(tx.init)(stacked)
+    for i in range(2):
+        g = tree.stack([_grads(m, 10 * j + i) for j, m in enumerate(members)])
+        u, state = torch.func.vmap(tx.update)(g, state, stacked)
+        stacked = funcopt.apply_updates(stacked, u)
+    for j in range(3):
+        assert_trees_close(tree.unstack(stacked)[j], expected[j], rtol=1e-12, atol=1e-12)
+
+
+def test_grad_through_an_update_uses_the_reference_path():
+    _, p0, loss_fn, _ = mlp_problem(torch.float64, n=16, hidden=4)
+    tx = funcopt.adam(1e-2)
+
+    def unrolled(params):
+        state = tx.init(params)
+        updates, state = tx.update(torch.func.grad(loss_fn)(params), state, params)
+        return loss_fn(funcopt.apply_updates(params, updates))
+
+    g = torch.func.grad(unrolled)(p0)
+    d = _grads(p0, 5)
+    h = 1e-6
+    fd = (unrolled(tree.add_scaled(p0, h, d)) - unrolled(tree.add_scaled(p0, -h, d))) / (2 * h)
+    torch.testing.assert_close(tree.vdot(g, d), fd, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_fast_path_optimizers_compile_fullgraph():
+    params = {"w": torch.randn(8, 4), "b": torch.randn(4)}
+    grads = _grads(params, 1)
+    for tx in (funcopt.adam(1e-3), funcopt.sgd(0.1, momentum=0.9)):
+        torch._dynamo.reset()
+        state = tx.init(params)
+        compiled = torch.compile(tx.update, fullgraph=True)
+        got = compiled(grads, state, params)
+        assert_trees_close(got, tx.update(grads, state, params), rtol=1e-5, atol=1e-7)
+
+
+def test_fast_path_enabled_restores_on_error():
+    assert fused.is_fast_path_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with fused.fast_path_enabled(False):
+            assert not fused.is_fast_path_enabled()
+            raise RuntimeError("boom")
+    assert fused.is_fast_path_enabled()
+
+
+def test_fast_path_decorator_rejects_an_unknown_kind_and_keeps_the_signature():
+    with pytest.raises(ValueError, match="unknown kind 'nadam'"):
+        fused.fast_path("nadam")
+    import inspect
+
+    assert "learning_rate" in inspect.signature(funcopt.adam).parameters
+    assert funcopt.adam.__name__ == "adam" and "Kingma" in funcopt.adam.__doc__
+
+
+def test_configure_cpu_allocator_in_a_subprocess():
+    code = "import funcopt.fused as f, torch; r = f.configure_cpu_allocator(); torch.zeros(1 << 20).add_(1); print(r)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("True", "False")
+    if sys.platform.startswith("linux"):
+        assert out.stdout.strip() == "True"

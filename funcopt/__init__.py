@@ -59,3 +59,28 @@ from funcopt.transforms import scale_by_trust_ratio as scale_by_trust_ratio
 from funcopt.transforms import trace as trace
 
 __version__ = "0.1.0"
+from funcopt import implicit as implicit
+from funcopt import linalg as linalg
+from funcopt.implicit import custom_root as custom_root
+from funcopt.implicit import hypergradient as hypergradient
+from funcopt.implicit import unrolled_hypergradient as unrolled_hypergradient
+from funcopt import lr_finder as lr_finder
+from funcopt.lr_finder import LRFinderResult as LRFinderResult
+from funcopt.lr_finder import lr_find as lr_find
+from funcopt.lr_finder import lr_sweep as lr_sweep
+from funcopt import fused as fused
+from funcopt import train_step as train_step
+from funcopt.train_step import DonatedValueError as DonatedValueError
+from funcopt.train_step import apply_gradients as apply_gradients
+from funcopt.train_step import make_step as make_step
+from funcopt.lbfgs import ScaleByLbfgsState as ScaleByLbfgsState
+from funcopt.lbfgs import lbfgs as lbfgs
+from funcopt.lbfgs import scale_by_lbfgs as scale_by_lbfgs
+from funcopt.linesearch import LINESEARCH_STATUS as LINESEARCH_STATUS
+from funcopt.linesearch import ScaleByBacktrackingLinesearchState as ScaleByBacktrackingLinesearchState
+from funcopt.linesearch import ScaleByZoomLinesearchState as ScaleByZoomLinesearchState
+from funcopt.linesearch import scale_by_backtracking_linesearch as scale_by_backtracking_linesearch
+from funcopt.linesearch import scale_by_zoom_linesearch as scale_by_zoom_linesearch
+from funcopt.linesearch import value_and_grad_from_state as value_and_grad_from_state
+from funcopt.minimize import MinimizeResult as MinimizeResult
+from funcopt.minimize import minimize as minimize

@@ -42,7 +42,6 @@ from collections.abc import Iterator
 import optree
 import torch
 
-from funcopt import tree as _tree
 from funcopt.base import EmptyState, GradientTransformation, PyTree
 from funcopt.transforms import (
     ScaleByAdamState,
@@ -115,14 +114,18 @@ def _in_traced_context() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+def _flatten(tree: PyTree) -> tuple[list[Any], Any]:
+    return optree.tree_flatten(tree, none_is_leaf=False)
+
+
 def _plain_tensor(t: Any) -> bool:
+    # Functorch-wrapped tensors only exist while a transform is active, which is checked first.
     return (
         type(t) in _PLAIN_TYPES
         and t.dtype in _FLOAT_DTYPES
         and t.layout is torch.strided
         and not t.requires_grad
         and t.is_contiguous()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
 
 
@@ -150,8 +153,12 @@ class _Columns(NamedTuple):
     device: torch.device
 
 
-def _columns(lists: list[list[torch.Tensor]]) -> _Columns | None:
-    """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype."""
+def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns | None:
+    """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype.
+
+    With ``check_overlap`` (when the kernels write into these buffers) no two may start at the
+    same address (tied weights, one state tensor used twice).
+    """
     n = len(lists[0])
     if n == 0 or any(len(x) != n for x in lists):
         return None
@@ -165,7 +172,8 @@ def _columns(lists: list[list[torch.Tensor]]) -> _Columns | None:
             if not _plain_tensor(t) or t.device != device or t.dtype != first.dtype or t.shape != first.shape:
                 return None
         by_dtype.setdefault(first.dtype, []).append(i)
-    # Buffers written by a kernel must not overlap (tied weights, a state leaf reused twice).
+    if not check_overlap:
+        return _Columns(list(by_dtype.values()), device)
     for column in lists:
         for t in column:
             if t.numel() == 0:
@@ -425,7 +433,7 @@ class _FastPath:
         lr = self._learning_rate(state, positions)
         if lr is None:
             return None
-        spec = _tree.structure(grads)
+        g, spec = _flatten(grads)
         needs_params = donate or bool(h.get("weight_decay"))
         if params is None and needs_params:
             return None
@@ -436,9 +444,10 @@ class _FastPath:
             if _absent(subtree):
                 buffers[name] = None
                 return True
-            if _tree.structure(subtree) != spec:
+            leaves, sub_spec = _flatten(subtree)
+            if sub_spec != spec:
                 return False
-            buffers[name] = _tree.leaves(subtree)
+            buffers[name] = leaves
             return True
 
         if kind in ("adam", "adamw"):
@@ -484,14 +493,13 @@ class _FastPath:
             ok = take("mu", s.mu)
         if not ok:
             return None
-        g = _tree.leaves(grads)
         p = None
         if params is not None and needs_params:
-            if _tree.structure(params) != spec:
+            p, p_spec = _flatten(params)
+            if p_spec != spec:
                 return None
-            p = _tree.leaves(params)
         lists = [g] + ([p] if p is not None else []) + [b for b in buffers.values() if b is not None]
-        columns = _columns(lists)
+        columns = _columns(lists, check_overlap=donate)
         if columns is None:
             return None
         for c in counts.values():

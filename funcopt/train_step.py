@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import optree
 import torch
 
 from funcopt import fused as _fused
@@ -50,30 +51,30 @@ def is_donated(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and getattr(tensor, _MARK, False)
 
 
-def _check_not_donated(tree: PyTree, name: str) -> None:
-    for leaf in _tree.leaves(tree):
+def _raise_donated(tree: PyTree, leaf: torch.Tensor, name: str) -> None:
+    bad = next(path for path, x in zip(_tree.paths(tree), _tree.leaves(tree)) if x is leaf)
+    raise DonatedValueError(
+        f"{name}{'' if bad == '<root>' else bad} was donated to an earlier training step "
+        "and is no longer valid. Use the params and opt_state returned by the step "
+        "(`params, opt_state, loss = step(params, opt_state, ...)`), clone what you want "
+        "to keep before the call, or build the step with donate=False."
+    )
+
+
+def _check_not_donated(tree: PyTree, name: str, leaves: list[Any] | None = None) -> None:
+    for leaf in _tree.leaves(tree) if leaves is None else leaves:
         if isinstance(leaf, torch.Tensor) and getattr(leaf, _MARK, False):
-            bad = next(
-                path for path, x in zip(_tree.paths(tree), _tree.leaves(tree)) if x is leaf
-            )
-            raise DonatedValueError(
-                f"{name}{'' if bad == '<root>' else bad} was donated to an earlier training step "
-                "and is no longer valid. Use the params and opt_state returned by the step "
-                "(`params, opt_state, loss = step(params, opt_state, ...)`), clone what you want "
-                "to keep before the call, or build the step with donate=False."
-            )
+            _raise_donated(tree, leaf, name)
 
 
-def _donatable(trees: tuple[PyTree, ...]) -> bool:
+def _donatable(leaves: list[Any]) -> bool:
     """True when every tensor leaf may be updated in place and then invalidated."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    for leaf in _tree.leaves(trees):
+    for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             continue
-        if type(leaf) not in (torch.Tensor, torch.nn.Parameter) or leaf.requires_grad:
-            return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(leaf) or leaf.is_inference():
+        if type(leaf) not in (torch.Tensor, torch.nn.Parameter) or leaf.requires_grad or leaf.is_inference():
             return False
     return True
 
@@ -99,13 +100,12 @@ def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
     return params
 
 
-def _release(old: tuple[PyTree, ...], new: tuple[PyTree, ...]) -> tuple[PyTree, ...]:
+def _release(old_leaves: list[Any], new: tuple[PyTree, ...]) -> tuple[PyTree, ...]:
     """Gives the outputs fresh tensor objects and invalidates the donated inputs."""
-    old_leaves = {id(x): x for x in _tree.leaves(old) if isinstance(x, torch.Tensor)}
-    fresh = _tree.map(
-        lambda x: x.detach() if isinstance(x, torch.Tensor) and id(x) in old_leaves else x, new
-    )
-    for t in old_leaves.values():
+    old = {id(x): x for x in old_leaves if isinstance(x, torch.Tensor)}
+    leaves, spec = optree.tree_flatten(new, none_is_leaf=False)
+    fresh = optree.tree_unflatten(spec, [x.detach() if id(x) in old else x for x in leaves])
+    for t in old.values():
         t.set_()
         setattr(t, _MARK, True)
     return fresh
@@ -145,9 +145,10 @@ def apply_gradients(
             f"apply_gradients expects a GradientTransformation as tx, got {type(tx).__name__}. "
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
-    _check_not_donated(params, "params")
-    _check_not_donated(opt_state, "opt_state")
-    if not donate or not _donatable((params, opt_state)):
+    param_leaves, state_leaves = _tree.leaves(params), _tree.leaves(opt_state)
+    _check_not_donated(params, "params", param_leaves)
+    _check_not_donated(opt_state, "opt_state", state_leaves)
+    if not donate or not _donatable(param_leaves + state_leaves):
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
     fast = _fused._fast_path_of(tx)
@@ -158,7 +159,7 @@ def apply_gradients(
         if new_params is None:
             new_params = apply_updates(params, updates)
         result = (new_params, new_state)
-    return _release((params, opt_state), result)
+    return _release(param_leaves + state_leaves, result)
 
 
 def make_step(
@@ -207,8 +208,9 @@ def make_step(
     grad_fn = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
 
     def step(params: PyTree, opt_state: OptState, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        _check_not_donated(params, "params")
-        _check_not_donated(opt_state, "opt_state")
+        if donate:  # fail before computing the loss on an emptied tensor
+            _check_not_donated(params, "params")
+            _check_not_donated(opt_state, "opt_state")
         grads, value = grad_fn(params, *args, **kwargs)
         loss, aux = value if has_aux else (value, None)
         new_params, new_state = apply_gradients(tx, grads, opt_state, params, donate=donate, value=loss)

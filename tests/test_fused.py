@@ -127,7 +127,6 @@ def _unsupported_cases():
         "requires_grad": ({"w": x.clone().requires_grad_()}, None),
         "non_contiguous": ({"w": x.t().contiguous().t()}, None),
         "float16": ({"w": x.to(torch.float16)}, None),
-        "tied_params": ("tied", None),
         "empty_tree": ({}, None),
     }
 
@@ -136,9 +135,6 @@ def _unsupported_cases():
 def test_reference_path_where_the_fast_path_does_not_apply(case):
     params, _ = _unsupported_cases()[case]
     tx = funcopt.adam(1e-2, weight_decay=0.1)
-    if params == "tied":
-        w = torch.randn(3, dtype=torch.float64)
-        params = {"a": w, "b": w}
     state = tx.init(params)
     grads = tree.map(lambda p: torch.ones_like(p).detach(), params)
     assert not fused.fast_path_applies(tx, grads, state, params)

@@ -1,0 +1,211 @@
+"""funcopt.distributed: 2-rank gloo data parallelism, DCP save/restore across world sizes, errors.
+
+One launch of 2 CPU processes (gloo) does all multi-process checks, to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import funcopt
+from funcopt import distributed as fd
+from helpers import assert_trees_close, assert_trees_equal
+
+N, D_IN, HIDDEN, D_OUT = 16, 4, 6, 3
+LR = 0.05
+
+
+def problem():
+    """Deterministic params and data for every process (float64)."""
+    g = torch.Generator().manual_seed(0)
+    params = {
+        "w1": torch.randn(D_IN, HIDDEN, generator=g, dtype=torch.float64) * 0.5,
+        "b1": torch.zeros(HIDDEN, dtype=torch.float64),
+        "w2": torch.randn(HIDDEN, D_OUT, generator=g, dtype=torch.float64) * 0.5,
+    }
+    batches = [
+        (torch.randn(N, D_IN, generator=g, dtype=torch.float64), torch.randint(0, D_OUT, (N,), generator=g))
+        for _ in range(6)
+    ]
+    return params, batches
+
+
+def loss_fn(params, batch):
+    x, y = batch
+    h = torch.tanh(x @ params["w1"] + params["b1"])
+    return torch.nn.functional.cross_entropy(h @ params["w2"], y)
+
+
+def train(tx, params, state, batches, shard_batches):
+    for batch in batches:
+        if shard_batches:
+            batch = fd.shard(batch)
+        grads = torch.func.grad(loss_fn)(params, batch)
+        updates, state = tx.update(grads, state, params)
+        params = funcopt.apply_updates(params, updates)
+    return params, state
+
+
+def make_tx(distributed):
+    inner = funcopt.inject_hyperparams(funcopt.adamw)(learning_rate=LR, weight_decay=1e-2)
+    return funcopt.chain(fd.average_gradients(), inner) if distributed else funcopt.chain(funcopt.identity(), inner)
+
+
+def rank_rng():
+    rank, _ = fd.rank_and_world_size()
+    return {"seed": torch.tensor([100 + rank]), "epoch": 7 + rank}
+
+
+def worker(ckpt_dir):
+    """The one multi-process job (each rank): data-parallel training with a DCP save midway, a
+    2-rank restore that continues, and the checks that need a process group."""
+    params, batches = problem()
+    rank, world = fd.rank_and_world_size()
+    params = fd.broadcast(funcopt.tree.map(lambda x: x + rank, params))  # rank 0's values win
+    tx = make_tx(True)
+    state = tx.init(params)
+    params, state = train(tx, params, state, batches[:3], True)
+    fd.save(ckpt_dir, {"params": params, "opt_state": state, "step": 3}, per_rank=rank_rng())
+    final, _ = train(tx, params, state, batches[3:], True)
+
+    # Restore with 2 ranks into a fresh template (per-rank state included) and continue.
+    fresh, _ = problem()
+    like = {"params": fresh, "opt_state": tx.init(fresh), "step": 0}
+    tree, own = fd.load(ckpt_dir, like, per_rank_like=rank_rng())
+    resumed, _ = train(tx, tree["params"], tree["opt_state"], batches[3:], True)
+
+    # Structure mismatch across ranks: every rank gets the same clear error (no hang).
+    try:
+        fd.check_same_structure_across_ranks({"w": torch.zeros(2 + rank)}, "params")
+        mismatch = None
+    except funcopt.FuncoptError as e:
+        mismatch = str(e)
+    reduced = fd.all_reduce({"a": torch.tensor([1.0 + rank]), "i": torch.tensor([2 + rank])}, op="sum")
+    return {
+        "world": world,
+        "final": final,
+        "resumed": resumed,
+        "step": tree["step"],
+        "per_rank": own,
+        "mismatch": mismatch,
+        "reduced": reduced,
+    }
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("dcp") / "ckpt")
+    import torch.distributed.checkpoint  # noqa: F401  (imported once here, inherited by the ranks)
+
+    single_process_reference()  # also imports what torch.func needs before forking
+    # fork: the ranks inherit the imported modules (the examples cover the default forkserver).
+    return ckpt, fd.launch(worker, 2, (ckpt,), start_method="fork")
+
+
+def single_process_reference():
+    params, batches = problem()
+    tx = make_tx(False)
+    return train(tx, params, tx.init(params), batches, False)
+
+
+def test_two_rank_data_parallel_equals_full_batch(two_rank_runs):
+    _, first = two_rank_runs
+    expected, _ = single_process_reference()
+    assert [r["world"] for r in first] == [2, 2]
+    assert_trees_equal(first[0]["final"], first[1]["final"])  # replicas stay identical
+    assert_trees_close(first[0]["final"], expected, rtol=1e-12, atol=1e-13)
+
+
+def test_all_reduce_sum_and_structure_check_across_ranks(two_rank_runs):
+    _, first = two_rank_runs
+    for r in first:
+        assert torch.equal(r["reduced"]["a"], torch.tensor([3.0]))
+        assert torch.equal(r["reduced"]["i"], torch.tensor([5]))
+        assert "leaf ['w'] is torch.float32 (2,) on rank 0 but torch.float32 (3,) on rank 1" in r["mismatch"]
+
+
+def test_checkpoint_from_two_ranks_restores_in_one_process_and_continues(two_rank_runs):
+    ckpt, first = two_rank_runs
+    params, batches = problem()
+    tx = make_tx(False)
+    info = fd.checkpoint_info(ckpt)
+    assert info["world_size"] == 2 and "tree['step']" in info["paths"]
+    # The 2-rank state has average_gradients' EmptyState where this one has identity's: same tree.
+    like = {"params": params, "opt_state": tx.init(params), "step": 0}
+    tree = fd.load(ckpt, like)
+    assert tree["step"] == 3
+    assert type(tree["opt_state"][1]).__name__ == "InjectHyperparamsState"
+    assert tree["opt_state"][1].count.item() == 3
+    final, _ = train(tx, tree["params"], tree["opt_state"], batches[3:], False)
+    assert_trees_close(final, first[0]["final"], rtol=1e-12, atol=1e-13)
+    # The template was not written into.
+    assert_trees_equal(like["params"], problem()[0])
+
+
+def test_checkpoint_from_two_ranks_restores_in_two_and_continues(two_rank_runs):
+    _, first = two_rank_runs
+    for rank, r in enumerate(first):
+        assert r["step"] == 3
+        assert torch.equal(r["per_rank"]["seed"], torch.tensor([100 + rank])) and r["per_rank"]["epoch"] == 7 + rank
+        assert_trees_equal(r["resumed"], r["final"])
+
+
+def test_load_errors_name_the_problem(two_rank_runs, tmp_path):
+    ckpt, _ = two_rank_runs
+    params, _ = problem()
+    tx = make_tx(False)
+    like = {"params": params, "opt_state": tx.init(params), "step": 0}
+    with pytest.raises(funcopt.FuncoptError, match=r"saved by 2 rank\(s\) with per-rank state, but this run has 1"):
+        fd.load(ckpt, like, per_rank_like=rank_rng())
+    wrong_shape = dict(like, params=dict(params, w2=torch.zeros(HIDDEN, 5, dtype=torch.float64)))
+    with pytest.raises(funcopt.FuncoptError, match=r"tree\['params'\]\['w2'\] is float64 of shape \(6, 3\).*\(6, 5\)"):
+        fd.load(ckpt, wrong_shape)
+    with pytest.raises(funcopt.FuncoptError, match=r"missing from the checkpoint: \[\"tree\['params'\]\['extra'\]\"\]"):
+        fd.load(ckpt, dict(like, params=dict(params, extra=torch.zeros(1))))
+    other_opt = {"params": params, "opt_state": funcopt.sgd(0.1, momentum=0.9).init(params), "step": 0}
+    with pytest.raises(funcopt.FuncoptError, match="does not match the checkpoint"):
+        fd.load(ckpt, other_opt)
+    with pytest.raises(funcopt.FuncoptError, match="No DCP checkpoint"):
+        fd.load(tmp_path / "nothing", like)
+
+
+def test_single_process_save_load_roundtrip_and_overwrite(tmp_path):
+    params, _ = problem()
+    tx = funcopt.adam(1e-2)
+    tree = {"params": params, "opt_state": tx.init(params), "note": "hello", "lr": 0.5}
+    fd.save(tmp_path / "c", tree, per_rank={"x": torch.arange(3)})
+    fd.save(tmp_path / "c", tree, per_rank={"x": torch.arange(3) + 1})  # replaces it whole
+    out, own = fd.load(tmp_path / "c", tree, per_rank_like={"x": torch.zeros(3, dtype=torch.int64)})
+    assert_trees_equal(out, tree)
+    assert torch.equal(own["x"], torch.arange(3) + 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_helpers_without_process_group_raise_clear_errors():
+    tree = {"w": torch.ones(2)}
+    for call in (
+        lambda: fd.all_reduce(tree),
+        lambda: fd.broadcast(tree),
+        lambda: fd.average_gradients().init(tree),
+        lambda: fd.average_gradients().update(tree, funcopt.EmptyState()),
+        lambda: fd.check_same_structure_across_ranks(tree),
+        lambda: fd.shard(tree),
+    ):
+        with pytest.raises(funcopt.FuncoptError, match="needs an initialized torch.distributed process group"):
+            call()
+    assert fd.rank_and_world_size() == (0, 1)
+
+
+def test_shard_and_argument_errors():
+    batch = (torch.arange(8).reshape(4, 2), torch.arange(4))
+    x, y = fd.shard(batch, rank=1, world_size=2)
+    assert torch.equal(y, torch.tensor([2, 3])) and torch.equal(x, torch.tensor([[4, 5], [6, 7]]))
+    with pytest.raises(funcopt.FuncoptError, match=r"leaf \[0\] has leading size 4, not divisible by world_size=3"):
+        fd.shard(batch, rank=0, world_size=3)
+    with pytest.raises(funcopt.FuncoptError, match="rank must lie in"):
+        fd.shard(batch, rank=2, world_size=2)
+    with pytest.raises(funcopt.FuncoptError, match="op must be one of"):
+        fd.all_reduce({"w": torch.ones(1)}, op="avg")
+    with pytest.raises(funcopt.FuncoptError, match="world_size must be a positive int"):
+        fd.launch(print, 0)

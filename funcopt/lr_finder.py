@@ -346,7 +346,8 @@ class LRFinderResult:
             fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
         finite = [(lr, v) for lr, v in zip(self.lrs, self.losses) if math.isfinite(v)]
         sweep = self.kind == "lr_sweep"
-        if show_raw and not sweep and self.raw_losses != self.losses:
+        raw = show_raw and not sweep and self.raw_losses != self.losses
+        if raw:
             ax.plot(self.lrs, self.raw_losses, color="tab:blue", alpha=0.25, lw=1, label="raw loss")
         ax.plot(
             [p[0] for p in finite],
@@ -360,6 +361,8 @@ class LRFinderResult:
         if finite:
             lows = [v for _, v in finite]
             first, low, high = lows[0], min(lows), max(lows)
+            if raw:
+                low = min([low] + [v for v in self.raw_losses or () if math.isfinite(v)])
             top = min(high, first + 1.5 * (first - low)) if first > low else high
             margin = 0.05 * (top - low) or 0.05 * abs(top) or 0.05
             ax.set_ylim(low - margin, top + margin)
@@ -381,7 +384,7 @@ class LRFinderResult:
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final loss" if sweep else "loss")
         ax.set_title(title or ("LR sweep (vmap)" if sweep else "LR range test"))
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         if path is not None:
             ax.figure.savefig(path, bbox_inches="tight")

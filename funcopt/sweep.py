@@ -25,15 +25,30 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from funcopt import tree as _tree
-from funcopt.base import FuncoptError, GradientTransformation, PyTree, apply_updates
-from funcopt.inject import _find_states, inject_hyperparams, set_hyperparams
-from funcopt.stacked import check_stacked_update, select_configs, stacked_update, vmapped_update
+from funcopt.base import FuncoptError, GradientTransformation, PyTree
+from funcopt.inject import _find_states, inject_hyperparams
+from funcopt.stacked import (
+    _batch_source,
+    _chunks,
+    _concat,
+    _detach,
+    _hp_names,
+    _Plan,
+    _Run,
+    _run_configs,
+    check_stacked_update,
+    init_stacked,
+    select,
+    select_configs,
+    stack_params,
+    stack_states,
+    unstack,
+)
 
 __all__ = [
     "grid",
@@ -154,61 +169,6 @@ def random_search(num: int, *, seed: int = 0, **distributions: _Distribution) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Stacking building blocks
-
-
-def _detach(tree: PyTree) -> PyTree:
-    return _tree.map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
-
-
-def stack_params(params: PyTree, k: int) -> PyTree:
-    """K copies of ``params`` stacked along a new leading axis (every leaf ``(K, *shape)``)."""
-    if k < 1:
-        raise FuncoptError(f"stack_params needs k >= 1, got {k}.")
-    return _tree.map(lambda x: x.detach().unsqueeze(0).expand(k, *x.shape).clone(), params)
-
-
-def init_stacked(init_fn: Callable[[int], PyTree], seeds: Sequence[int]) -> PyTree:
-    """Stacks ``init_fn(seed)`` for each seed: K independently initialized parameter trees."""
-    if not callable(init_fn):
-        raise FuncoptError("init_stacked needs a function seed -> params.")
-    return _tree.stack([_detach(init_fn(int(s))) for s in seeds])
-
-
-def _hp_names(state: Any) -> list[str]:
-    return sorted(set().union(*(s.hyperparams for s in _find_states(state))))
-
-
-def stack_states(
-    optimizer: GradientTransformation, params: PyTree, hparams: Mapping[str, Sequence[float]]
-) -> PyTree:
-    """The stacked optimizer state of K configurations, hyperparameter k taken from ``hparams``.
-
-    ``params`` is stacked (leading axis K). Each configuration's state is
-    ``optimizer.init(params[k])`` with ``set_hyperparams(..., name=hparams[name][k])``;
-    the K states are stacked like the params, so hyperparameters become ``(K,)`` tensors.
-    """
-    k = _tree.leaves(params)[0].shape[0]
-    states = []
-    for i in range(k):
-        s = optimizer.init(select(params, i))
-        if hparams:
-            s = set_hyperparams(s, **{n: v[i] for n, v in hparams.items()})
-        states.append(s)
-    return _tree.stack(states)
-
-
-def select(tree: PyTree, index: int) -> PyTree:
-    """Configuration ``index`` of a stacked tree as an ordinary tree (``tree[index]`` leaf-wise)."""
-    return select_configs(tree, index)
-
-
-def unstack(tree: PyTree) -> list[PyTree]:
-    """All K configurations of a stacked tree as a list of ordinary trees."""
-    return _tree.unstack(tree)
-
-
-# ---------------------------------------------------------------------------------------------
 # The plan of a sweep and the function that runs a subset of its configurations
 
 
@@ -238,154 +198,6 @@ def _resolve_optimizer(optimizer: Any, values: dict[str, list[float]]) -> Gradie
             f"valid names: {valid} (boolean, integer and string arguments are static)."
         )
     return inject_hyperparams(optimizer)(**{n: v[0] for n, v in values.items()})
-
-
-def _batch_source(data: Any, replay: bool) -> Callable[[int], Any]:
-    if callable(data):
-        return data
-    if isinstance(data, (torch.Tensor, tuple, dict)):
-        return lambda step: data
-    if isinstance(data, Sequence):
-        if not data:
-            raise FuncoptError("data is an empty sequence; pass batches or a function step -> batch.")
-        return lambda step: data[step % len(data)]
-    if isinstance(data, Iterable):
-        if replay and iter(data) is data:
-            raise FuncoptError(
-                "data is a one-shot iterator, but chunk_size/halving replay the steps for each "
-                "chunk of configurations: pass a list of batches, a DataLoader or a function "
-                "step -> batch."
-            )
-        state = {"it": iter(data)}
-
-        def nxt(step: int) -> Any:
-            try:
-                return next(state["it"])
-            except StopIteration:
-                state["it"] = iter(data)
-                try:
-                    return next(state["it"])
-                except StopIteration:
-                    raise FuncoptError("data yielded no batches.") from None
-
-        return nxt
-    raise FuncoptError(
-        f"data must be a function step -> batch, a list/DataLoader of batches, or one fixed batch "
-        f"(tensor, tuple or dict); got {type(data).__name__}."
-    )
-
-
-@dataclass
-class _Plan:
-    """Everything needed to train any subset of the K configurations (one chunk, one rank)."""
-
-    loss_fn: Callable[[PyTree, Any], torch.Tensor]
-    tx: GradientTransformation
-    values: dict[str, list[float]]
-    init_params: Any
-    seeds: list[int] | None
-    batch: Callable[[int], Any]
-    eval_fn: Callable[[PyTree], Any] | None
-    eval_every: int | None
-    step_mode: str
-    randomness: str
-    k: int
-    metric: str = "loss"
-    mode: str = "min"
-    step_reason: str = ""
-    eval_names: list[str] = field(default_factory=list)
-
-    def init(self, indices: list[int]) -> tuple[PyTree, PyTree]:
-        if self.seeds is None:
-            params = stack_params(self.init_params, len(indices))
-        else:
-            params = init_stacked(self.init_params, [self.seeds[i] for i in indices])
-        hp = {n: [v[i] for i in indices] for n, v in self.values.items()}
-        return params, stack_states(self.tx, params, hp)
-
-    def evaluate(self, params: PyTree) -> dict[str, torch.Tensor]:
-        out = torch.func.vmap(self.eval_fn, randomness=self.randomness)(params)
-        if isinstance(out, Mapping):
-            return {str(k): torch.as_tensor(v).detach().reshape(-1) for k, v in out.items()}
-        return {"eval": torch.as_tensor(out).detach().reshape(-1)}
-
-
-@dataclass
-class _Run:
-    """Per-configuration results of :func:`_run_configs` for the configurations ``indices``."""
-
-    indices: list[int]
-    params: PyTree
-    state: PyTree
-    losses: torch.Tensor  # (k, steps)
-    evals: dict[str, torch.Tensor]  # name -> (k, number of evaluations)
-    eval_steps: list[int]
-
-
-def _run_configs(
-    plan: _Plan,
-    indices: list[int],
-    start: int,
-    stop: int,
-    params: PyTree | None = None,
-    state: PyTree | None = None,
-    *,
-    eval_at_end: bool = True,
-    bar: Any = None,
-) -> _Run:
-    """Trains configurations ``indices`` from step ``start`` to ``stop`` on the shared batches.
-
-    Starts from ``plan.init(indices)`` unless stacked ``params``/``state`` are given. This is
-    the unit a distributed sweep runs per rank (results are per configuration, so ranks' runs
-    concatenate along axis 0).
-    """
-    if params is None or state is None:
-        params, state = plan.init(indices)
-    grad_fn = torch.func.vmap(
-        torch.func.grad_and_value(plan.loss_fn), in_dims=(0, None), randomness=plan.randomness
-    )
-    step_fn = stacked_update if plan.step_mode == "stacked" else vmapped_update
-    losses, evals, eval_steps = [], {}, []
-    for step in range(start, stop):
-        grads, loss = grad_fn(params, plan.batch(step))
-        with torch.no_grad():
-            updates, state = step_fn(plan.tx, grads, state, params)
-            params = apply_updates(params, updates)
-        losses.append(loss.detach())
-        done = step + 1
-        due = plan.eval_every is not None and done % plan.eval_every == 0
-        if plan.eval_fn is not None and (due or (eval_at_end and done == stop)):
-            with torch.no_grad():
-                for name, v in plan.evaluate(params).items():
-                    evals.setdefault(name, []).append(v)
-            eval_steps.append(done)
-        if bar is not None:
-            bar.update(len(indices))
-    loss_t = torch.stack(losses, dim=1) if losses else torch.zeros(len(indices), 0)
-    return _Run(
-        list(indices), params, state, loss_t,
-        {n: torch.stack(v, dim=1) for n, v in evals.items()}, eval_steps,
-    )
-
-
-def _concat(runs: list[_Run]) -> _Run:
-    if len(runs) == 1:
-        return runs[0]
-    cat = lambda *xs: torch.cat(xs, dim=0)  # noqa: E731
-    return _Run(
-        [i for r in runs for i in r.indices],
-        _tree.map(cat, *[r.params for r in runs]),
-        _tree.map(cat, *[r.state for r in runs]),
-        torch.cat([r.losses for r in runs], dim=0),
-        {n: torch.cat([r.evals[n] for r in runs], dim=0) for n in runs[0].evals},
-        runs[0].eval_steps,
-    )
-
-
-def _chunks(indices: list[int], chunk_size: int | None) -> list[list[int]]:
-    if chunk_size is None:
-        return [indices]
-    return [indices[i : i + chunk_size] for i in range(0, len(indices), chunk_size)]
 
 
 def _make_plan(

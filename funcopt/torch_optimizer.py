@@ -497,12 +497,13 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             )
         self._sync_devices()
         self._fstate = state_from_plain(state_dict["funcopt_state"], like=self._fstate)
-        saved_group = state_dict["param_groups"][0]
-        group = self.param_groups[0]
-        for k, v in saved_group.items():
-            if k != "params" and k not in self._hp_keys and k not in ("betas", "lr"):
-                group[k] = v  # e.g. 'initial_lr' written by an LR scheduler
+        # The state holds the values the last step used; the saved group may hold newer ones an
+        # LR scheduler wrote after that step. Restore both, so the next step picks those up.
         self._publish(self._hyperparam_values())
+        group = self.param_groups[0]
+        for k, v in state_dict["param_groups"][0].items():
+            if k != "params":
+                group[k] = v
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -181,6 +181,34 @@ def test_state_dict_roundtrip_weights_only_and_resume():
     assert_trees_equal(params_of(resumed), params_of(full))
 
 
+def test_resume_keeps_the_lr_a_scheduler_set_after_the_last_step():
+    """Saved between scheduler.step() and the next opt.step(): the pending lr must survive."""
+    module, _, _, (X, Y) = mlp_problem()
+
+    def make(m):
+        opt = as_torch_optimizer(funcopt.inject_hyperparams(funcopt.sgd)(learning_rate=0.2, momentum=0.9), m)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+    full = copy.deepcopy(module)
+    opt, sched = make(full)
+    full_lrs = torch_run(opt, full, X, Y, steps=6, scheduler=sched)
+
+    part = copy.deepcopy(module)
+    opt, sched = make(part)
+    torch_run(opt, part, X, Y, steps=2, scheduler=sched)
+    assert opt.param_groups[0]["lr"] == 0.1  # pending; the state still holds 0.2
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt2, sched2 = make(part)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    lrs = torch_run(opt2, part, X, Y, steps=4, scheduler=sched2)
+    assert lrs == full_lrs[2:]
+    assert_trees_equal(params_of(part), params_of(full))
+
+
 def test_state_dict_holds_only_plain_containers():
     module, _, _, _ = mlp_problem()
     sd = as_torch_optimizer(funcopt.adam(1e-3), module).state_dict()

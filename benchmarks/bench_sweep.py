@@ -86,6 +86,44 @@ def run_sweep(model, batches, hp, step_mode):
                    step_mode=step_mode, progress=False)
 
 
+def step_only(model, k: int, repeats: int, inner: int = 20) -> dict[str, float]:
+    """Milliseconds per optimizer step for K configurations (no forward/backward)."""
+    from funcopt.stacked import stacked_update, vmapped_update
+
+    params0, _ = funcopt.nn.extract(model)
+    hp = configs(k)
+    grads = [{n: torch.randn_like(v) for n, v in params0.items()} for _ in range(k)]
+    modules = []
+    for lr, wd in zip(hp["learning_rate"], hp["weight_decay"]):
+        m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, fused=True)
+        for p, g in zip(m.parameters(), grads[len(modules)].values()):
+            p.grad = g.clone()
+        modules.append(opt)
+    txs = [funcopt.adamw(lr, weight_decay=wd) for lr, wd in zip(hp["learning_rate"], hp["weight_decay"])]
+    states = [tx.init(params0) for tx in txs]
+    tx = funcopt.inject_hyperparams(funcopt.adamw)(learning_rate=1e-3, weight_decay=0.0)
+    P = S.stack_params(params0, k)
+    St = S.stack_states(tx, P, hp)
+    G = funcopt.tree.stack(grads)
+    cases = {
+        "torch.optim fused x K": lambda: [opt.step() for opt in modules],
+        "funcopt update x K": lambda: [t.update(g, s, params0) for t, g, s in zip(txs, grads, states)],
+        "vmap(update)": lambda: vmapped_update(tx, G, St, P),
+        "stacked update": lambda: stacked_update(tx, G, St, P),
+    }
+    times = {c: [] for c in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner * 1e3)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100)
@@ -124,6 +162,14 @@ def main(argv=None):
                  f"{med['loop torch.optim'] / med['sweep stacked']:.1f}x",
                  f"{med['loop funcopt'] / med['sweep stacked']:.1f}x"]
         print("| " + " | ".join(cells) + " |", flush=True)
+    print("\nOptimizer step only (AdamW on the same MLP, ms per step for all K configurations)")
+    rows = {k: step_only(model, k, args.repeats) for k in args.ks}
+    names = list(rows[args.ks[0]])
+    print("| K | " + " | ".join(names) + " | vmap / stacked |")
+    print("|" + "---|" * (len(names) + 2))
+    for k, r in rows.items():
+        print(f"| {k} | " + " | ".join(f"{r[n]:.3f}" for n in names)
+              + f" | {r['vmap(update)'] / r['stacked update']:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

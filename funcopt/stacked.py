@@ -57,9 +57,9 @@ __all__ = [
 ]
 
 
-def _compute_dtype(params: PyTree) -> torch.dtype:
+def _compute_dtype(params: PyTree | list[Any]) -> torch.dtype:
     dtype = None
-    for leaf in _tree.leaves(params):
+    for leaf in params if isinstance(params, list) else _tree.leaves(params):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             dtype = leaf.dtype if dtype is None else torch.promote_types(dtype, leaf.dtype)
     return dtype or torch.get_default_dtype()
@@ -109,22 +109,39 @@ def _from_rows(y: Any, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor |
     return out if out.dtype == like.dtype else out.to(like.dtype)
 
 
-def _unrows(out: PyTree, like: PyTree, rows: PyTree, what: str) -> PyTree:
-    flat_out = _tree.leaves(out)
-    flat_like, spec = optree.tree_flatten(like)
-    flat_rows = _tree.leaves(rows)
-    result = []
-    for i, (y, x, r) in enumerate(zip(flat_out, flat_like, flat_rows)):
-        v = _from_rows(y, x, r)
-        if v is None:
-            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise FuncoptError(
-                f"stacked update changed {what}{_tree.paths(like)[i]} from shape "
-                f"{tuple(x.shape)} to {shape}: the optimizer is not elementwise across "
-                "configurations (it uses a norm or a reduction). Use step_mode='vmap' for it."
-            )
-        result.append(v)
-    return optree.tree_unflatten(spec, result)
+class _Flat:
+    """A tree flattened once: its leaves, its spec, and its rows-layout leaves."""
+
+    def __init__(self, tree: PyTree, what: str, dtype: torch.dtype | None):
+        self.tree, self.what = tree, what
+        self.leaves, self.spec = optree.tree_flatten(tree, none_is_leaf=False)
+        if dtype is None:
+            dtype = _compute_dtype(self.leaves)
+        self.dtype = dtype
+        for x in self.leaves:
+            if not isinstance(x, torch.Tensor) or x.ndim == 0:
+                _leading(tree, what)  # raises with the path
+        self.rows = [_to_rows(x, dtype) for x in self.leaves]
+
+    def rows_tree(self) -> PyTree:
+        return optree.tree_unflatten(self.spec, self.rows)
+
+    def unrows(self, out: PyTree) -> PyTree:
+        flat_out, out_spec = optree.tree_flatten(out, none_is_leaf=False)
+        if out_spec != self.spec:
+            _tree.check_same_structure(self.tree, out, (self.what, f"new {self.what}"))
+        result = []
+        for i, (y, x, r) in enumerate(zip(flat_out, self.leaves, self.rows)):
+            v = _from_rows(y, x, r)
+            if v is None:
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise FuncoptError(
+                    f"stacked update changed {self.what}{_tree.paths(self.tree)[i]} from shape "
+                    f"{tuple(x.shape)} to {shape}: the optimizer is not elementwise across "
+                    "configurations (it uses a norm or a reduction). Use step_mode='vmap' for it."
+                )
+            result.append(v)
+        return optree.tree_unflatten(self.spec, result)
 
 
 def stacked_update(
@@ -147,18 +164,11 @@ def stacked_update(
         FuncoptError: when a leaf lacks the leading axis, or the optimizer is not elementwise
             across configurations (a result leaf changed shape).
     """
-    dtype = _compute_dtype(params)
-    _leading(state, "state")
-    rows = lambda t: _tree.map(lambda x: _to_rows(x, dtype), t)  # noqa: E731
-    g_rows, s_rows, p_rows = rows(grads), rows(state), rows(params)
-    u_rows, new_rows = tx.update(g_rows, s_rows, p_rows, **extra_args)
-    if _tree.structure(new_rows) != _tree.structure(state):
-        _tree.check_same_structure(state, new_rows, ("state", "new state"))
-    if _tree.structure(u_rows) != _tree.structure(grads):
-        _tree.check_same_structure(grads, u_rows, ("grads", "updates"))
-    updates = _unrows(u_rows, grads, g_rows, "updates")
-    new_state = _unrows(new_rows, state, s_rows, "state")
-    return updates, new_state
+    p = _Flat(params, "params", None)
+    g = _Flat(grads, "updates", p.dtype)
+    st = _Flat(state, "state", p.dtype)
+    u_rows, new_rows = tx.update(g.rows_tree(), st.rows_tree(), p.rows_tree(), **extra_args)
+    return g.unrows(u_rows), st.unrows(new_rows)
 
 
 def vmapped_update(

@@ -145,42 +145,53 @@ _LABEL_HELP = (
 )
 
 
-def _resolve_mask(mask: MaskOrFn, tree: PyTree, what: str) -> PyTree:
+def _resolve_mask(mask: MaskOrFn, tree: PyTree, what: str) -> list[bool]:
+    """The mask as a flat list of bools, one per leaf of ``tree`` in :func:`funcopt.tree.leaves` order."""
     spec = mask(tree) if callable(mask) else mask
     if isinstance(spec, torch.Tensor):
         raise FuncoptError(f"{what}: the mask is a tensor; {_MASK_HELP}")
-    return _expand(spec, tree, "", f"{what} mask", _is_bool, _MASK_HELP)
+    return _tree.leaves(_expand(spec, tree, "", f"{what} mask", _is_bool, _MASK_HELP))
 
 
-def _resolve_labels(labels: Any, tree: PyTree, known: Mapping[Hashable, Any], what: str) -> PyTree:
+def _resolve_labels(labels: Any, tree: PyTree, known: Mapping[Hashable, Any], what: str) -> list[Hashable]:
+    """The labels as a flat list, one per leaf of ``tree``; unknown labels raise naming the path."""
     spec = labels(tree) if callable(labels) else labels
     full = _expand(spec, tree, "", f"{what} labels", _is_label, _LABEL_HELP)
-    unknown = [(p, lab) for p, lab in zip(_tree.paths(full), _tree.leaves(full)) if lab not in known]
-    if unknown:
+    flat = _tree.leaves(full)
+    if not all(lab in known for lab in flat):
+        # paths are computed only to report the error (optree accessors do not trace in dynamo)
+        unknown = [(p, lab) for p, lab in zip(_tree.paths(full), flat) if lab not in known]
         shown = ", ".join(f"{p} -> {lab!r}" for p, lab in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise FuncoptError(
             f"{what}: label(s) with no transformation: {shown}{more}. The transformations are "
             f"keyed by {sorted(map(repr, known))}; add the missing key(s) or fix the labels."
         )
-    return full
+    return flat
 
 
-def _select(tree: PyTree, keep: PyTree) -> PyTree:
+def _select(tree: PyTree, keep: list[bool]) -> PyTree:
     """Replaces the leaves of ``tree`` where ``keep`` is False by ``()`` (an empty node, no leaf).
 
     ``()`` rather than ``None`` because ``torch.func.vmap`` rejects ``None`` in outputs, while an
-    empty tuple is a leafless node for both optree and ``torch.utils._pytree``.
+    empty tuple is a leafless node for both optree and ``torch.utils._pytree``. Masks travel as
+    flat lists: building a treespec of a tree of bools inside ``torch.compile`` is unsupported.
     """
     if tree is None:
         return None
-    return _tree.map(lambda x, k: x if k else (), tree, keep, names=("tree", "mask"))
+    flat, spec = optree.tree_flatten(tree, none_is_leaf=False)
+    if len(flat) != len(keep):
+        raise FuncoptError(
+            f"the tree has {len(flat)} leaves but the mask was resolved for {len(keep)}; pass "
+            "updates and params of the same structure."
+        )
+    return optree.tree_unflatten(spec, [x if k else () for x, k in zip(flat, keep)])
 
 
-def _merge(full: PyTree, keep: PyTree, part: PyTree, what: str) -> PyTree:
+def _merge(full: PyTree, keep: list[bool], part: PyTree, what: str) -> PyTree:
     """Puts the leaves of ``part`` (the selected leaves, in order) back into ``full``."""
     flat_full, spec = optree.tree_flatten(full, none_is_leaf=False)
-    flat_keep = _tree.leaves(keep)
+    flat_keep = keep
     flat_part = _tree.leaves(part)
     if len(flat_part) != sum(flat_keep):
         raise FuncoptError(
@@ -218,12 +229,12 @@ class MaskedState(NamedTuple):
     inner_state: OptState
 
 
-def _masked_init(inner: GradientTransformation, keep: PyTree, params: PyTree) -> MaskedState:
+def _masked_init(inner: GradientTransformation, keep: list[bool], params: PyTree) -> MaskedState:
     return MaskedState(inner.init(_select(params, keep)))
 
 
 def _masked_update(
-    inner: GradientTransformation, keep: PyTree, updates, state, params, what: str, extra_args
+    inner: GradientTransformation, keep: list[bool], updates, state, params, what: str, extra_args
 ):
     check_state(state, MaskedState, what)
     sub_updates = _select(updates, keep)
@@ -330,12 +341,12 @@ def multi_transform(
             )
     transforms = dict(transforms)
 
-    def keeps(labels_tree):
-        return {lab: _tree.map(lambda x, lab=lab: x == lab, labels_tree) for lab in transforms}
+    def keeps(flat_labels):
+        return {lab: [x == lab for x in flat_labels] for lab in transforms}
 
     def init(params):
-        labels_tree = _resolve_labels(param_labels, params, transforms, "multi_transform")
-        masks = keeps(labels_tree)
+        flat_labels = _resolve_labels(param_labels, params, transforms, "multi_transform")
+        masks = keeps(flat_labels)
         return MultiTransformState(
             {lab: _masked_init(t, masks[lab], params) for lab, t in transforms.items()}
         )
@@ -347,10 +358,10 @@ def multi_transform(
                 f"multi_transform state has groups {sorted(map(repr, state.inner_states))} but the "
                 f"transformation has {sorted(map(repr, transforms))}; pass the state from its own init."
             )
-        labels_tree = _resolve_labels(
+        flat_labels = _resolve_labels(
             param_labels, params if params is not None else updates, transforms, "multi_transform"
         )
-        masks = keeps(labels_tree)
+        masks = keeps(flat_labels)
         new_states = {}
         for lab, t in transforms.items():
             updates, new_states[lab] = _masked_update(
@@ -389,17 +400,21 @@ def _all_finite(tree: PyTree) -> torch.Tensor:
 
 
 def _tree_select(cond: torch.Tensor, new: PyTree, old: PyTree, what: str) -> PyTree:
-    def pick(path, a, b):
+    """Leaf-wise ``torch.where(cond, new, old)`` over two inner states of equal structure."""
+
+    def pick(a, b):
         if isinstance(a, torch.Tensor):
             return torch.where(cond, a, b)
         if a != b:
+            pairs = zip(_tree.paths(new), _tree.leaves(new), _tree.leaves(old))
+            bad = [p for p, x, y in pairs if not isinstance(x, torch.Tensor) and x != y]
             raise FuncoptError(
-                f"{what}: the inner state holds a non-tensor value at {path} that changed "
-                f"({b!r} -> {a!r}); state entries that change must be tensors."
+                f"{what}: the inner state holds a non-tensor value at {bad[0] if bad else '?'} that "
+                f"changed ({b!r} -> {a!r}); state entries that change must be tensors."
             )
         return a
 
-    return _tree.map_with_path(pick, new, old)
+    return _tree.map(pick, new, old, names=("new inner state", "old inner state"))
 
 
 def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) -> GradientTransformation:

@@ -118,17 +118,6 @@ def _flatten(tree: PyTree) -> tuple[list[Any], Any]:
     return optree.tree_flatten(tree, none_is_leaf=False)
 
 
-def _plain_tensor(t: Any) -> bool:
-    # Functorch-wrapped tensors only exist while a transform is active, which is checked first.
-    return (
-        type(t) in _PLAIN_TYPES
-        and t.dtype in _FLOAT_DTYPES
-        and t.layout is torch.strided
-        and not t.requires_grad
-        and t.is_contiguous()
-    )
-
-
 def _scalar(x: Any) -> float | None:
     """A hyperparameter as a Python float, or None where the fast path must not read it."""
     if isinstance(x, bool):
@@ -156,32 +145,43 @@ class _Columns(NamedTuple):
 def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns | None:
     """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype.
 
-    With ``check_overlap`` (when the kernels write into these buffers) no two may start at the
-    same address (tied weights, one state tensor used twice).
+    Every tensor must be a plain dense contiguous float32/float64 tensor not requiring grad,
+    with the dtype, shape and device of its leaf in the first list. With ``check_overlap``
+    (when the kernels write into these buffers) no two may start at the same address (tied
+    weights, one state tensor used twice).
     """
-    n = len(lists[0])
-    if n == 0 or any(len(x) != n for x in lists):
+    first = lists[0]
+    n = len(first)
+    if n == 0:
         return None
-    device = lists[0][0].device if isinstance(lists[0][0], torch.Tensor) else None
+    t0 = first[0]
+    if type(t0) not in _PLAIN_TYPES or t0.device.type not in ("cpu", "cuda"):
+        return None
+    device, index = t0.device, t0.get_device()
+    plain, strided, floats = _PLAIN_TYPES, torch.strided, _FLOAT_DTYPES
     by_dtype: dict[torch.dtype, list[int]] = {}
-    pointers: set[int] = set()
-    for i in range(n):
-        first = lists[0][i]
-        for column in lists:
-            t = column[i]
-            if not _plain_tensor(t) or t.device != device or t.dtype != first.dtype or t.shape != first.shape:
-                return None
-        by_dtype.setdefault(first.dtype, []).append(i)
-    if not check_overlap:
-        return _Columns(list(by_dtype.values()), device)
+    for i, ref in enumerate(first):
+        if type(ref) not in plain or ref.dtype not in floats:
+            return None
+        by_dtype.setdefault(ref.dtype, []).append(i)
     for column in lists:
-        for t in column:
-            if t.numel() == 0:
-                continue
-            ptr = t.data_ptr()
-            if ptr in pointers:
+        if len(column) != n:
+            return None
+        for t, ref in zip(column, first):
+            if (
+                type(t) not in plain
+                or t.requires_grad
+                or t.layout is not strided
+                or t.dtype is not ref.dtype
+                or t.shape != ref.shape
+                or not t.is_contiguous()
+                or t.get_device() != index
+            ):
                 return None
-            pointers.add(ptr)
+    if check_overlap:
+        pointers = [t.data_ptr() for column in lists for t in column if t.numel()]
+        if len(set(pointers)) != len(pointers):
+            return None
     return _Columns(list(by_dtype.values()), device)
 
 
@@ -384,6 +384,9 @@ class _FastPath:
         self.kind = kind
         self.reference = reference
         self.arguments = arguments
+        # Python-number hyperparameters are read once; tensors are read at every step.
+        static = not any(isinstance(v, torch.Tensor) for v in arguments.values())
+        self._static_h = self._hyperparams() if static else None
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -427,7 +430,7 @@ class _FastPath:
         positions = _parse_chain_state(kind, state)
         if positions is None:
             return None
-        h = self._hyperparams()
+        h = self._static_h or self._hyperparams()
         if h is None:
             return None
         lr = self._learning_rate(state, positions)

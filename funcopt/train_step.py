@@ -61,22 +61,26 @@ def _raise_donated(tree: PyTree, leaf: torch.Tensor, name: str) -> None:
     )
 
 
-def _check_not_donated(tree: PyTree, name: str, leaves: list[Any] | None = None) -> None:
-    for leaf in _tree.leaves(tree) if leaves is None else leaves:
+def _check_not_donated(tree: PyTree, name: str) -> None:
+    for leaf in _tree.leaves(tree):
         if isinstance(leaf, torch.Tensor) and getattr(leaf, _MARK, False):
             _raise_donated(tree, leaf, name)
 
 
-def _donatable(leaves: list[Any]) -> bool:
-    """True when every tensor leaf may be updated in place and then invalidated."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
+def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -> bool:
+    """Raises for a donated leaf; returns whether every tensor may be donated."""
+    ok = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    plain = (torch.Tensor, torch.nn.Parameter)
+    for i, leaf in enumerate(leaves):
+        if type(leaf) not in plain:
+            if isinstance(leaf, torch.Tensor):
+                ok = False
             continue
-        if type(leaf) not in (torch.Tensor, torch.nn.Parameter) or leaf.requires_grad or leaf.is_inference():
-            return False
-    return True
+        if getattr(leaf, _MARK, False):
+            _raise_donated(*((params, leaf, "params") if i < n_params else (opt_state, leaf, "opt_state")))
+        if leaf.requires_grad or leaf.is_inference():
+            ok = False
+    return ok
 
 
 def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
@@ -107,7 +111,7 @@ def _release(old_leaves: list[Any], new: tuple[PyTree, ...]) -> tuple[PyTree, ..
     fresh = optree.tree_unflatten(spec, [x.detach() if id(x) in old else x for x in leaves])
     for t in old.values():
         t.set_()
-        setattr(t, _MARK, True)
+        t.__dict__[_MARK] = True
     return fresh
 
 
@@ -145,10 +149,10 @@ def apply_gradients(
             f"apply_gradients expects a GradientTransformation as tx, got {type(tx).__name__}. "
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
-    param_leaves, state_leaves = _tree.leaves(params), _tree.leaves(opt_state)
-    _check_not_donated(params, "params", param_leaves)
-    _check_not_donated(opt_state, "opt_state", state_leaves)
-    if not donate or not _donatable(param_leaves + state_leaves):
+    param_leaves = _tree.leaves(params)
+    leaves = param_leaves + _tree.leaves(opt_state)
+    donatable = _scan(params, opt_state, leaves, len(param_leaves))
+    if not donate or not donatable:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
     fast = _fused._fast_path_of(tx)
@@ -159,7 +163,7 @@ def apply_gradients(
         if new_params is None:
             new_params = apply_updates(params, updates)
         result = (new_params, new_state)
-    return _release(param_leaves + state_leaves, result)
+    return _release(leaves, result)
 
 
 def make_step(

@@ -171,9 +171,10 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=1e-8, help="gradient L2-norm tolerance")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
     parser.add_argument("--fast", action="store_true", help="small problems only, one repeat")
+    parser.add_argument("--problems", nargs="*", default=None, help=f"subset of {list(PROBLEMS)}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    names = list(PROBLEMS)[:1] if args.fast else list(PROBLEMS)
+    names = list(PROBLEMS)[:1] if args.fast else (args.problems or list(PROBLEMS))
     repeats = 1 if args.fast else args.repeats
     print(f"funcopt {funcopt.__version__}, torch {torch.__version__}, tol={args.tol:g} (|grad|_2), float64")
     print("| problem | method | iterations | evaluations | f - f* | max abs x - x* | ms (median) |")
@@ -193,12 +194,13 @@ def main(argv=None):
                 outcome[mname] = (counter, iters, ok)
         for mname in METHODS:
             counter, iters, ok = outcome[mname]
+            ms = 1000 * statistics.median(times[mname])
             if not ok:
-                print(f"| {name} | {mname} | {iters} | {counter.evals} | stalled at best grad norm {counter.best:.1e} | | |")
+                print(f"| {name} | {mname} | {iters} | {counter.evals} (stopped) | stalled at grad norm "
+                      f"{counter.best:.1e} | | {ms:.1f} |")
                 continue
             fx = float(f(counter.x))
             dx = float((counter.x - xstar).abs().max())
-            ms = 1000 * statistics.median(times[mname])
             print(f"| {name} | {mname} | {iters} | {counter.first} | {fx - fstar:.1e} | {dx:.1e} | {ms:.1f} |")
 
 

@@ -63,11 +63,6 @@ class ScaleByLbfgsState(NamedTuple):
     num_pairs: torch.Tensor
 
 
-def _row(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``buffer[index]`` for a 0-dim integer tensor index (works under vmap)."""
-    return torch.index_select(buffer, 0, index.reshape(1)).squeeze(0)
-
-
 def scale_by_lbfgs(
     memory_size: int = 10,
     scale_init_precond: bool = True,
@@ -155,26 +150,29 @@ def scale_by_lbfgs(
         num_pairs = torch.where(accept, torch.clamp(state.num_pairs + 1, max=m), state.num_pairs)
 
         # 2. Two-loop recursion over the valid pairs, newest first (Nocedal & Wright, Alg. 7.4).
+        # The ring is read in age order through one gather; weights of empty slots are zeroed,
+        # which makes their terms vanish without branching.
+        order = (head - 1 - torch.arange(m, device=g.device)) % m
+        s_hist, y_hist = S.index_select(0, order), Y.index_select(0, order)
+        valid = torch.arange(m, device=g.device) < num_pairs
+        r_hist = torch.where(valid, R.index_select(0, order), torch.zeros_like(R))
         q = g
         alphas = []
         for k in range(m):
-            idx = (head - 1 - k) % m
-            valid = k < num_pairs
-            alpha = torch.where(valid, _row(R, idx) * torch.dot(_row(S, idx), q), torch.zeros_like(ys))
-            q = q - alpha * _row(Y, idx)
-            alphas.append((idx, valid, alpha))
-        newest = (head - 1) % m
+            alpha = r_hist[k] * torch.dot(s_hist[k], q)
+            q = q - alpha * y_hist[k]
+            alphas.append(alpha)
         if scale_init_precond:
-            s_new, y_new = _row(S, newest), _row(Y, newest)
+            s_new, y_new = s_hist[0], y_hist[0]
             gamma_pairs = torch.dot(s_new, y_new) / torch.clamp(torch.dot(y_new, y_new), min=torch.finfo(g.dtype).tiny)
             gamma_first = torch.clamp(1.0 / torch.sum(torch.abs(g)), max=1.0)
             gamma = torch.where(num_pairs > 0, gamma_pairs, gamma_first)
         else:
             gamma = torch.ones_like(ys)
         r = gamma * q
-        for idx, valid, alpha in reversed(alphas):
-            beta = _row(R, idx) * torch.dot(_row(Y, idx), r)
-            r = r + torch.where(valid, alpha - beta, torch.zeros_like(beta)) * _row(S, idx)
+        for k in reversed(range(m)):
+            beta = r_hist[k] * torch.dot(y_hist[k], r)
+            r = r + (alphas[k] - beta) * s_hist[k]
 
         new_state = ScaleByLbfgsState(
             count=state.count + 1,

@@ -14,7 +14,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, apply_updates
-from funcopt.linesearch import _find_linesearch_state
+from funcopt.linesearch import _find_linesearch_state, value_and_grad
 
 __all__ = ["MinimizeResult", "minimize"]
 
@@ -61,13 +61,13 @@ def minimize(
 
     Each step evaluates (or, after a line search, reuses) the value and gradient at ``params``,
     stops if ``|grad|_2 <= tol``, and otherwise applies ``tx.update(grad, state, params,
-    value=value, grad=grad, value_fn=fun)``. Gradients come from ``torch.func.grad_and_value``.
+    value=value, grad=grad, value_fn=fun)``. Gradients come from ``torch.autograd`` (one forward and one backward pass per evaluation).
     The run is deterministic: continuing from a returned ``state`` (``minimize(fun,
     result.params, tx, state=result.state)``) follows bitwise the same path as an uninterrupted
     run, also after a save/load of the state.
 
     Args:
-        fun: objective ``params -> 0-dim tensor``, differentiable by ``torch.func``.
+        fun: objective ``params -> 0-dim tensor``, differentiable by ``torch.autograd``.
         params: initial params (a pytree of floating tensors).
         tx: the optimizer; default ``funcopt.lbfgs()``. Any funcopt transformation works
             (e.g. ``funcopt.adam(1e-2)`` for a fixed-step method).
@@ -110,17 +110,10 @@ def minimize(
     def counted(p: PyTree) -> torch.Tensor:
         nonlocal evals
         evals += 1
-        v = fun(p)
-        if not isinstance(v, torch.Tensor) or v.dim() != 0:
-            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise FuncoptError(f"minimize: fun must return a 0-dim tensor, got {got} (reduce the loss, e.g. .mean()).")
-        return v
-
-    grad_and_value = torch.func.grad_and_value(counted)
+        return fun(p)
 
     def evaluate(p: PyTree) -> tuple[torch.Tensor, PyTree]:
-        g, v = grad_and_value(p)
-        return v.detach(), _tree.map(lambda x: x.detach(), g)
+        return value_and_grad(counted, p, "minimize: fun")
 
     if state is None:
         state = tx.init(params)

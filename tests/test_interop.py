@@ -200,3 +200,66 @@ def test_errors_say_what_and_how():
     _, plain = interop.from_torch(opt, params)
     with pytest.raises(FuncoptError, match="amsgrad=True but the funcopt state has no nu_max"):
         interop.to_torch(plain, params, amsgrad)
+
+
+# ---------------------------------------------------------------------------------------------
+# L-BFGS: torch's history lists <-> funcopt's ring buffers (trajectories coincide for
+# LBFGS(max_iter=1, line_search_fn=None) and funcopt.lbfgs(linesearch=None)).
+
+
+def _lbfgs_torch_steps(model, opt, X, Y, steps):
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X), Y)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+def _lbfgs_torch(model, memory=3):
+    return torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=1, history_size=memory, line_search_fn=None)
+
+
+@pytest.mark.parametrize("steps_before", [1, 6])
+def test_lbfgs_torch_to_funcopt_and_back_follow_the_same_trajectory(steps_before):
+    # 6 steps with a history of 3 pairs wraps funcopt's ring buffer
+    model, X, Y = _model()
+    opt = _lbfgs_torch(model)
+    _lbfgs_torch_steps(model, opt, X, Y, steps_before)
+    params, _ = funcopt.nn.extract(model)
+    tx, state = interop.from_torch(opt, params)
+    assert int(state[0].count) == steps_before and int(state[0].num_pairs) == min(steps_before - 1, 3)
+    _lbfgs_torch_steps(model, opt, X, Y, 3)
+    params, state = _funcopt_steps(tx, state, params, model, X, Y, 3)
+    _assert_params_close(params, model, "lbfgs torch->funcopt")
+    # and back: funcopt's state continues in a new torch LBFGS
+    opt2 = _lbfgs_torch(model)
+    opt2.load_state_dict(interop.to_torch(state, params, opt2))
+    _lbfgs_torch_steps(model, opt2, X, Y, 3)
+    params, state = _funcopt_steps(tx, state, params, model, X, Y, 3)
+    _assert_params_close(params, model, "lbfgs funcopt->torch")
+
+
+def test_lbfgs_history_of_a_default_torch_run_carries_over():
+    model, X, Y = _model()
+    opt = torch.optim.LBFGS(model.parameters(), history_size=4, line_search_fn="strong_wolfe")
+    _lbfgs_torch_steps(model, opt, X, Y, 1)  # 20 inner iterations
+    params, _ = funcopt.nn.extract(model)
+    tx, state = interop.from_torch(opt, params)
+    lb = state[0]
+    torch_state = opt.state[next(iter(model.parameters()))]
+    assert int(lb.count) == torch_state["n_iter"] and int(lb.num_pairs) == len(torch_state["old_stps"]) == 4
+    # funcopt ravels dict leaves in sorted key order; torch flattens in parameter order
+    newest_s = torch_state["old_stps"][-1]
+    sizes = [p.numel() for p in model.parameters()]
+    parts = dict(zip([k for k, _ in model.named_parameters()], torch.split(newest_s, sizes)))
+    expected = torch.cat([parts[k] for k in sorted(parts)])
+    newest = (int(lb.head) - 1) % 4
+    torch.testing.assert_close(lb.diff_params_memory[newest], expected, rtol=0, atol=0)
+    back = interop.to_torch(state, params, opt)["state"][0]
+    for a, b in zip(back["old_dirs"], torch_state["old_dirs"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(back["prev_flat_grad"], torch_state["prev_flat_grad"], rtol=0, atol=0)
+    assert interop.to_torch(tx.init(params), params, opt)["state"] == {}

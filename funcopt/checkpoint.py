@@ -225,8 +225,8 @@ class _Encoder:
         )
 
 
-def _tensor_bytes(t: torch.Tensor, key: str) -> tuple[torch.Tensor, str]:
-    """A flat uint8 CPU view of ``t``'s data and the safetensors dtype code it is stored as."""
+def _tensor_bytes(t: torch.Tensor, key: str) -> memoryview:
+    """The raw little-endian bytes of ``t``'s data (a contiguous CPU copy if needed)."""
     if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False):
         raise CheckpointError(f"cannot save the tensor at {key}: layout {t.layout} is not supported (dense only).")
     if t.device.type == "meta":
@@ -234,15 +234,18 @@ def _tensor_bytes(t: torch.Tensor, key: str) -> tuple[torch.Tensor, str]:
             f"cannot save the tensor at {key}: it is on the meta device and has no data. "
             "Materialize it first (e.g. funcopt.checkpoint.device_put(tree, 'cpu') after init)."
         )
-    code = storage_code(t.dtype, key)
+    storage_code(t.dtype, key)
     t = t.detach()
-    if t.is_complex():
-        t = torch.view_as_real(t.resolve_conj())
     try:
+        if t.is_complex():
+            t = torch.view_as_real(t.resolve_conj())
         t = t.resolve_neg().to("cpu").contiguous()
-    except RuntimeError as e:  # functorch-wrapped tensors and other exotic tensors
-        raise CheckpointError(f"cannot save the tensor at {key}: {e}") from None
-    return t.reshape(-1).view(torch.uint8), code
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    except (RuntimeError, TypeError) as e:  # functorch-wrapped tensors and other exotic tensors
+        raise CheckpointError(
+            f"cannot save the tensor at {key}: {e}. (Tensors inside torch.func.grad/vmap cannot be "
+            "saved; save outside the transform.)"
+        ) from None
 
 
 def _header_bytes(doc: dict[str, Any], entries: dict[str, Any], crc: str, min_len: int = 0) -> bytes:
@@ -360,11 +363,10 @@ def save(
         with open(tmp, "xb") as f:
             f.write(b"\0" * (8 + len(placeholder)))
             for key, t in enc.tensors:
-                data, _ = _tensor_bytes(t, key)
-                view = memoryview(data.numpy())
+                view = _tensor_bytes(t, key)
                 records[key]["crc32"] = f"{zlib.crc32(view):08x}"
                 f.write(view)
-                del data, view
+                del view
             header = _finish_header(_header_bytes(doc, entries, _CRC_ZERO, len(placeholder)))
             if len(header) != len(placeholder):
                 raise CheckpointError("internal error: the header changed size while saving.")
@@ -397,12 +399,21 @@ def _normalize_path(p: str) -> str:
     return child_path("", p)
 
 
+def _matches(src: Any, saved: str) -> bool:
+    """Whether a ``{source: target}`` key names the saved device (``"cuda"`` matches ``"cuda:1"``)."""
+    try:
+        a, b = torch.device(src), torch.device(saved)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"device mapping key {src!r} is not a device.") from None
+    return a.type == b.type and (a.index is None or a.index == b.index)
+
+
 def _target_device(device: DeviceSpec, source: str, default: torch.device) -> Any:
-    if device is None or callable(device):
+    if device is None or callable(device) and not isinstance(device, Mapping):
         return default
     if isinstance(device, Mapping):
         for src, dst in device.items():
-            if str(torch.device(src)) == source or str(src) == source:
+            if _matches(src, source):
                 return torch.device(dst)
         return default
     return torch.device(device)

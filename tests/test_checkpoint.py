@@ -162,6 +162,9 @@ def test_dtype_mapping_and_device_mapping(tmp_path):
     assert ck.load(f, device="meta")["w"].device.type == "meta"
     assert ck.load(f, device={"cpu": "meta"})["n"].device.type == "meta"
     assert ck.load(f, device={torch.device("cuda:0"): "meta"})["n"].device.type == "cpu"
+    assert ck.load(f, device={"cuda": "meta"})["n"].device.type == "cpu"
+    with pytest.raises(CheckpointError, match="mapping key 'bogus' is not a device"):
+        ck.load(f, device={"bogus": "meta"})
     seen = []
 
     def by_path(path, t):
@@ -449,6 +452,8 @@ def test_save_rejects_unsupported_values(tmp_path):
         ck.save(f, {"a": 1}, metadata={"t": torch.ones(1)})
     with pytest.raises(CheckpointError, match="directory .* does not exist"):
         ck.save(tmp_path / "no" / "x.safetensors", {"a": 1})
+    with pytest.raises(CheckpointError, match=r"tensor at \['x'\].*inside torch.func"):
+        torch.func.grad(lambda x: (ck.save(f, {"x": x}), x.sum())[1])(torch.ones(2))
     with pytest.raises(CheckpointError, match="step must be an int"):
         ck.save(f, {"a": 1}, step=1.5)
     assert not f.exists() and os.listdir(tmp_path) == []

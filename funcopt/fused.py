@@ -185,6 +185,16 @@ def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns |
     return _Columns(list(by_dtype.values()), device)
 
 
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones((), dtype=torch.int64, device=device)
+    return one
+
+
 def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
     return column if len(idx) == len(column) else [column[i] for i in idx]
 
@@ -529,12 +539,12 @@ class _FastPath:
             k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
         }
         copy_state = not donate and kind in ("adam", "adamw", "sgd", "adagrad")
-        step = None
-        main_count = next(iter(plan.counts.values()), None)
+        new_counts = {k: c + 1 for k, c in plan.counts.items()}
+        step = None  # the kernels read the 1-based step from a tensor (int64 is accepted)
         if kind in ("adam", "adamw"):
-            step = (main_count + 1).to(torch.float32)
+            step = new_counts[ScaleByAdamState]
         elif kind == "adagrad":
-            step = torch.ones((), dtype=torch.float32, device=plan.columns.device)
+            step = _one(plan.columns.device)  # only read, and unused with lr_decay=0
         first = False
         if TraceState in plan.counts:
             first = bool(plan.counts[TraceState] == 0)
@@ -566,19 +576,21 @@ class _FastPath:
                 for k, v in bufs.items():
                     if v is not None:
                         new_buffers[k][i] = v[j]
-        return out, self._new_state(plan, state, new_buffers)
+        return out, self._new_state(plan, state, new_buffers, new_counts)
 
-    def _new_state(self, plan: _Plan, state: tuple, new: dict[str, list[Any] | None]) -> tuple:
+    def _new_state(
+        self, plan: _Plan, state: tuple, new: dict[str, list[Any] | None], counts: dict[Any, torch.Tensor]
+    ) -> tuple:
         def tree_of(name: str, absent: Any = None) -> Any:
             leaves = new.get(name)
             return absent if leaves is None else optree.tree_unflatten(plan.spec, leaves)
 
         entries = list(state)
-        pos, counts = plan.positions, plan.counts
+        pos = plan.positions
         if ScaleByAdamState in pos:
             old = state[pos[ScaleByAdamState]]
             entries[pos[ScaleByAdamState]] = ScaleByAdamState(
-                counts[ScaleByAdamState] + 1, tree_of("mu"), tree_of("nu"), tree_of("nu_max", old.nu_max)
+                counts[ScaleByAdamState], tree_of("mu"), tree_of("nu"), tree_of("nu_max", old.nu_max)
             )
         if ScaleByRssState in pos:
             entries[pos[ScaleByRssState]] = ScaleByRssState(tree_of("acc"))
@@ -586,11 +598,11 @@ class _FastPath:
             old = state[pos[ScaleByRmsState]]
             entries[pos[ScaleByRmsState]] = ScaleByRmsState(tree_of("nu"), tree_of("mu", old.mu))
         if ScaleByLionState in pos:
-            entries[pos[ScaleByLionState]] = ScaleByLionState(counts[ScaleByLionState] + 1, tree_of("mu"))
+            entries[pos[ScaleByLionState]] = ScaleByLionState(counts[ScaleByLionState], tree_of("mu"))
         if TraceState in pos:
-            entries[pos[TraceState]] = TraceState(counts[TraceState] + 1, tree_of("buf"))
+            entries[pos[TraceState]] = TraceState(counts[TraceState], tree_of("buf"))
         if "schedule" in pos:
-            entries[pos["schedule"]] = ScaleByScheduleState(counts["schedule"] + 1)
+            entries[pos["schedule"]] = ScaleByScheduleState(counts["schedule"])
         return tuple(entries)
 
     # -- entry points ---------------------------------------------------------------------

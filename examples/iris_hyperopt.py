@@ -137,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--outer", type=int, default=100, help="outer (hypergradient) iterations")
     p.add_argument("--inner-steps", type=int, default=10, help="inner Adam steps per outer iteration")
     p.add_argument("--inner-lr", type=float, default=1e-2)
-    p.add_argument("--hyper-lr", type=float, default=0.1, help="Adam step on lambda = log decay")
+    p.add_argument("--hyper-lr", type=float, default=0.3, help="Adam step on lambda = log decay")
     p.add_argument("--init-decay", type=float, default=1e-5)
     p.add_argument("--solver", choices=["cg", "neumann"], default="cg")
     p.add_argument("--terms", type=int, default=10, help="CG iterations / Neumann terms")

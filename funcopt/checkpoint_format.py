@@ -1,4 +1,4 @@
-"""The on-disk format of funcopt checkpoints: dtype tables, the validating reader, ``inspect`` records.
+"""The on-disk format of funcopt checkpoints: dtype tables, header writing, the validating reader.
 
 Used by :mod:`funcopt.checkpoint`; users normally need only :class:`CheckpointError` and the
 :class:`CheckpointInfo` that ``funcopt.checkpoint.inspect`` returns. The reader trusts nothing in
@@ -24,6 +24,12 @@ __all__ = ["CheckpointError", "CheckpointInfo", "LeafInfo", "Reader", "child_pat
 
 MAX_HEADER = 100 * 1024 * 1024
 """Largest header accepted (safetensors' own limit)."""
+
+
+FORMAT = "funcopt.checkpoint"
+FORMAT_VERSION = 1
+_CRC_KEY = "funcopt.crc32"
+_CRC_ZERO = "00000000"
 
 
 class CheckpointError(FuncoptError):
@@ -312,3 +318,48 @@ class Reader:
         if dt.is_complex:
             t = torch.view_as_complex(t)
         return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _tensor_bytes(t: torch.Tensor, key: str) -> memoryview:
+    """The raw little-endian bytes of ``t``'s data (a contiguous CPU copy if needed)."""
+    if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False):
+        raise CheckpointError(f"cannot save the tensor at {key}: layout {t.layout} is not supported (dense only).")
+    if t.device.type == "meta":
+        raise CheckpointError(
+            f"cannot save the tensor at {key}: it is on the meta device and has no data. "
+            "Materialize it first (e.g. funcopt.checkpoint.device_put(tree, 'cpu') after init)."
+        )
+    storage_code(t.dtype, key)
+    t = t.detach()
+    try:
+        if t.is_complex():
+            t = torch.view_as_real(t.resolve_conj())
+        t = t.resolve_neg().to("cpu").contiguous()
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    except (RuntimeError, TypeError) as e:  # functorch-wrapped tensors and other exotic tensors
+        raise CheckpointError(
+            f"cannot save the tensor at {key}: {e}. (Tensors inside torch.func.grad/vmap cannot be "
+            "saved; save outside the transform.)"
+        ) from None
+
+
+def _header_bytes(doc: dict[str, Any], entries: dict[str, Any], crc: str, min_len: int = 0) -> bytes:
+    header = {
+        "__metadata__": {"funcopt": json.dumps(doc, separators=(",", ":")), _CRC_KEY: crc},
+        **entries,
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode("ascii")
+    target = max(len(raw), min_len)
+    target += (-(8 + target)) % 8  # align the data section to 8 bytes, as safetensors does
+    return raw + b" " * (target - len(raw))
+
+
+def _finish_header(raw: bytes) -> bytes:
+    crc = zlib.crc32(raw)
+    marker = f'"{_CRC_KEY}":"{_CRC_ZERO}"'.encode()
+    assert raw.count(marker) == 1
+    return raw.replace(marker, f'"{_CRC_KEY}":"{crc:08x}"'.encode())

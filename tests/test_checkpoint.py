@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import funcopt
 from funcopt import checkpoint as ck
+from funcopt import checkpoint_tree
 from funcopt.checkpoint import CheckpointError
 from funcopt.checkpoint_format import Reader
 
@@ -235,8 +236,8 @@ def test_user_namedtuples_need_register_or_like(tmp_path):
         with pytest.raises(TypeError, match="expects a NamedTuple class"):
             ck.register(dict)
     finally:
-        ck._REGISTRY.pop(f"{_UserState.__module__}:{_UserState.__qualname__}")
-        ck._REGISTERED_NAMES.pop(_UserState)
+        checkpoint_tree._REGISTRY.pop(f"{_UserState.__module__}:{_UserState.__qualname__}")
+        checkpoint_tree._REGISTERED_NAMES.pop(_UserState)
 
 
 def test_class_names_in_a_file_never_import_foreign_modules(tmp_path):

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import optree
 import torch
 
+from funcopt import fused as _fused
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.inject import _find_states, set_hyperparams
@@ -233,7 +234,14 @@ class FuncoptOptimizer(torch.optim.Optimizer):
 
     Build it with :func:`as_torch_optimizer`. It has one param group. ``step()`` gathers each
     parameter's ``.grad`` into the params' pytree, runs ``tx.update`` and writes the new values
-    into the parameters in place; ``funcopt_state`` holds the pure funcopt state.
+    into the parameters in place; ``funcopt_state`` holds the funcopt state pytree.
+
+    The optimizer owns that state: for the optimizers with a fused fast path (``sgd``, ``adam``,
+    ``adamw``, ``adagrad``, ``rmsprop``, ``lion``, see ``funcopt.fused``) ``step()`` updates
+    the parameters and the state buffers in place with torch's multi-tensor kernels, like
+    ``torch.optim.Adam(fused=True)``. As with torch.optim, ``funcopt_state`` and the tensors in
+    ``state_dict()`` are references to the live buffers: ``torch.save`` them (or clone them)
+    before the next step if you need a snapshot.
     """
 
     def __init__(self, tx: GradientTransformation, params_or_module: Any):
@@ -424,13 +432,16 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             self._fstate = set_hyperparams(self._fstate, **changes)
         leaves = self._leaves()
         loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._fused_step(leaves):
+            return loss
         if closure is None:
             params = self._params_view(leaves)
             grads = self._grads(leaves, clone=False)
             extra: dict[str, Any] = {}
         else:
-            with torch.enable_grad():
-                loss = closure()
             params = optree.tree_unflatten(self._spec, [p.detach().clone() for p in leaves])
             grads = self._grads(leaves, clone=True)
             value = loss.detach() if isinstance(loss, torch.Tensor) else loss
@@ -447,6 +458,29 @@ class FuncoptOptimizer(torch.optim.Optimizer):
                 p.copy_(x + u)
         self._publish(self._hyperparam_values())
         return loss
+
+    def _fused_step(self, leaves: list[torch.Tensor]) -> bool:
+        """The in-place fast path of ``sgd``/``adam``/``adamw``/``adagrad``/``rmsprop``/``lion``.
+
+        The optimizer owns its state and writes its parameters in place anyway, so it can give
+        both to torch's fused multi-tensor kernels (``funcopt.fused``), as a donating
+        ``funcopt.apply_gradients`` does. Returns False (having written nothing) where the fast
+        path does not apply; the reference ``tx.update`` then runs.
+        """
+        fast = _fused._fast_path_of(self._tx)
+        if fast is None or any(p.grad is None or p.grad.is_sparse for p in leaves):
+            return False
+        grads = optree.tree_unflatten(self._spec, [p.grad.detach() for p in leaves])
+        result = fast.donated_update(grads, self._fstate, self._params_view(leaves))
+        if result is None:
+            return False
+        new_params, new_state = result
+        for p, x in zip(leaves, _tree.leaves(new_params)):
+            if x.data_ptr() != p.data_ptr():
+                p.copy_(x)
+        self._fstate = self._unalias(new_state, leaves)
+        self._publish(self._hyperparam_values())
+        return True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only used once, by the constructor: a funcopt optimizer has exactly one group."""

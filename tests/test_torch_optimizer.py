@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import funcopt
+from funcopt.fused import fast_path_enabled
 from funcopt.torch_optimizer import FuncoptOptimizer, as_torch_optimizer, state_from_plain, state_to_plain
 from helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params
 
@@ -61,17 +62,31 @@ def params_of(module):
     ],
     ids=["adam", "adamw", "sgd-nesterov"],
 )
-def test_parity_with_functional_and_torch_optim(make_funcopt, make_torch):
+@pytest.mark.parametrize("fast", [True, False], ids=["fused", "reference"])
+def test_parity_with_functional_and_torch_optim(make_funcopt, make_torch, fast):
     module, params, loss_fn, (X, Y) = mlp_problem()
-    expected, expected_state = functional_run(make_funcopt(), params, loss_fn)
+    with fast_path_enabled(False):
+        expected, expected_state = functional_run(make_funcopt(), params, loss_fn)
     ours, theirs = copy.deepcopy(module), copy.deepcopy(module)
     opt = as_torch_optimizer(make_funcopt(), ours)
     assert isinstance(opt, torch.optim.Optimizer)
-    torch_run(opt, ours, X, Y)
+    with fast_path_enabled(fast):
+        torch_run(opt, ours, X, Y)
     torch_run(make_torch(theirs.parameters()), theirs, X, Y)
     assert_trees_close(params_of(ours), expected, rtol=1e-12, atol=1e-14)
     assert_trees_close(params_of(ours), params_of(theirs), rtol=1e-10, atol=1e-12)
     assert_trees_close(opt.funcopt_state, expected_state, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_fast_path_updates_params_and_state_in_place():
+    module, _, _, (X, Y) = mlp_problem()
+    opt = as_torch_optimizer(funcopt.adam(1e-2), module)
+    mu_ptrs = [x.data_ptr() for x in funcopt.tree.leaves(opt.funcopt_state[0].mu)]
+    param_ptrs = [p.data_ptr() for p in module.parameters()]
+    torch_run(opt, module, X, Y, steps=2)
+    assert [x.data_ptr() for x in funcopt.tree.leaves(opt.funcopt_state[0].mu)] == mu_ptrs
+    assert [p.data_ptr() for p in module.parameters()] == param_ptrs
+    assert opt.funcopt_state[0].count.item() == 2
 
 
 def test_chain_with_schedule_matches_functional():

@@ -543,6 +543,10 @@ def _resume_configs():
         "lamb": lambda: funcopt.lamb(1e-2, weight_decay=0.01),
         "adam_schedule": lambda: funcopt.adam(_decay),
         "inject_sgd_schedule": lambda: funcopt.inject_hyperparams(funcopt.sgd)(learning_rate=_decay, momentum=0.9),
+        "adamw_warmup_cosine": lambda: funcopt.adamw(funcopt.schedules.warmup_cosine_decay(0.0, 0.05, 2, 10)),
+        "lbfgs": lambda: funcopt.lbfgs(0.1, linesearch=None),
+        "finite_accumulate": lambda: funcopt.apply_if_finite(funcopt.accumulate(funcopt.adam(1e-2), 2), 3),
+        "masked": lambda: funcopt.masked(funcopt.adam(1e-2), {"w": True, "b": False}),
     }
 
 

@@ -410,6 +410,51 @@ def _interp(x: float, xs: list[float], ys: list[float]) -> float:
 # Shared machinery: optimizer preparation, data cycling, gradients, progress bar
 
 
+def _map_injected(state: Any, fn: Callable[[InjectHyperparamsState], InjectHyperparamsState]) -> Any:
+    """Rebuilds ``state`` with ``fn`` applied to every ``InjectHyperparamsState`` in it.
+
+    Walks dicts, lists, tuples and NamedTuples; an injected state is visited before the states
+    nested in it, so every walk meets them in the same order.
+    """
+    if isinstance(state, InjectHyperparamsState):
+        node = fn(state)
+        return node._replace(inner_state=_map_injected(node.inner_state, fn))
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(*(_map_injected(c, fn) for c in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(_map_injected(c, fn) for c in state)
+    if isinstance(state, dict):
+        return {k: _map_injected(c, fn) for k, c in state.items()}
+    return state
+
+
+def _injected_with_lr(state: Any) -> list[InjectHyperparamsState]:
+    found: list[InjectHyperparamsState] = []
+
+    def collect(node: InjectHyperparamsState) -> InjectHyperparamsState:
+        if "learning_rate" in node.hyperparams:
+            found.append(node)
+        return node
+
+    _map_injected(state, collect)
+    return found
+
+
+def _cast_hyperparams(state: Any, dtype: torch.dtype) -> Any:
+    """``state`` with every floating injected hyperparameter cast to ``dtype``.
+
+    Under ``vmap`` a batched hyperparameter is no longer a 0-dim "scalar" to type promotion,
+    so float64 hyperparameters next to float32 params make kernels such as ``torch.lerp``
+    (Adam's moments) reject the mix; the params' own dtype avoids that.
+    """
+
+    def cast(node: InjectHyperparamsState) -> InjectHyperparamsState:
+        hp = {k: v.to(dtype) if v.is_floating_point() else v for k, v in node.hyperparams.items()}
+        return node._replace(hyperparams=hp)
+
+    return _map_injected(state, cast)
+
+
 class _LrSetter:
     """Sets the learning rate of every ``inject_hyperparams`` state found in a state tree.
 
@@ -433,27 +478,19 @@ class _LrSetter:
             )
         self.ratios = [1.0] + [v / values[0] for v in values[1:]]
 
-    def __call__(self, state: Any, lr: Any) -> Any:
+    def __call__(self, state: Any, lr: float) -> Any:
         ratios = iter(self.ratios)
 
-        def replace(node: Any) -> Any:
-            if isinstance(node, InjectHyperparamsState):
-                hp = node.hyperparams
-                if "learning_rate" in hp:
-                    old = hp["learning_rate"]
-                    hp = dict(hp, learning_rate=torch.as_tensor(lr, dtype=old.dtype, device=old.device) * next(ratios))
-                return node._replace(hyperparams=hp, inner_state=replace(node.inner_state))
-            if isinstance(node, tuple) and hasattr(node, "_fields"):
-                return type(node)(*(replace(c) for c in node))
-            if isinstance(node, (tuple, list)):
-                return type(node)(replace(c) for c in node)
-            if isinstance(node, dict):
-                return {k: replace(c) for k, c in node.items()}
-            return node
+        def set_lr(node: InjectHyperparamsState) -> InjectHyperparamsState:
+            if "learning_rate" not in node.hyperparams:
+                return node
+            old = node.hyperparams["learning_rate"]
+            new = torch.as_tensor(lr, dtype=old.dtype, device=old.device) * next(ratios)
+            return node._replace(hyperparams=dict(node.hyperparams, learning_rate=new))
 
-        return replace(state)
+        return _map_injected(state, set_lr)
 
-    def check(self, state: Any, lr: Any) -> None:
+    def check(self, state: Any, lr: float | list[float]) -> None:
         """Raises if the reference learning rate after an update is not the one set (a schedule)."""
         now = _injected_with_lr(state)[0].hyperparams["learning_rate"]
         if not torch.equal(now, torch.as_tensor(lr, dtype=now.dtype, device=now.device)):
@@ -461,44 +498,6 @@ class _LrSetter:
                 "The optimizer's injected learning_rate is a schedule, which overrides the value the "
                 "range test sets each step. Build it with a constant learning_rate, or pass the factory."
             )
-
-
-def _cast_hyperparams(state: Any, dtype: torch.dtype) -> Any:
-    """``state`` with every floating injected hyperparameter cast to ``dtype``.
-
-    Under ``vmap`` a batched hyperparameter is no longer a 0-dim "scalar" to type promotion,
-    so float64 hyperparameters next to float32 params make kernels such as ``torch.lerp``
-    (Adam's moments) reject the mix; the params' own dtype avoids that.
-    """
-    if isinstance(state, InjectHyperparamsState):
-        hp = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.hyperparams.items()}
-        return state._replace(hyperparams=hp, inner_state=_cast_hyperparams(state.inner_state, dtype))
-    if isinstance(state, tuple) and hasattr(state, "_fields"):
-        return type(state)(*(_cast_hyperparams(c, dtype) for c in state))
-    if isinstance(state, (tuple, list)):
-        return type(state)(_cast_hyperparams(c, dtype) for c in state)
-    if isinstance(state, dict):
-        return {k: _cast_hyperparams(c, dtype) for k, c in state.items()}
-    return state
-
-
-def _injected_with_lr(state: Any) -> list[InjectHyperparamsState]:
-    found: list[InjectHyperparamsState] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, InjectHyperparamsState):
-            if "learning_rate" in node.hyperparams:
-                found.append(node)
-            visit(node.inner_state)
-        elif isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-
-    visit(state)
-    return found
 
 
 def _prepare(optimizer: Any, params: PyTree, opt_state: Any, first_lr: float) -> tuple[GradientTransformation, Any, _LrSetter]:

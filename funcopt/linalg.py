@@ -88,6 +88,11 @@ def _inspectable(x: torch.Tensor) -> bool:
     return True
 
 
+def _is_true(flag: torch.Tensor) -> bool:
+    """``bool(flag)`` where Python may read it; ``False`` under vmap or torch.compile."""
+    return _inspectable(flag) and bool(flag)
+
+
 def _all_finite(t: PyTree) -> torch.Tensor:
     flags = [torch.isfinite(x).all() for x in _tree.leaves(t)]
     if not flags:
@@ -131,10 +136,8 @@ def _checked_matvec(matvec: MatVec, b: PyTree, solver: str) -> MatVec:
 
 
 def _check_finite_rhs(b: PyTree, solver: str, leaves: list[torch.Tensor]) -> None:
-    if not _inspectable(leaves[0]):
-        return
     for path, x in zip(_tree.paths(b), leaves):
-        if not bool(torch.isfinite(x).all()):
+        if _is_true(~torch.isfinite(x).all()):
             raise FuncoptError(
                 f"{solver}: the right-hand side is not finite (nan or inf) at leaf {path}. It is "
                 "usually the gradient of the outer loss: check that loss at these parameters."
@@ -391,12 +394,11 @@ def solve_neumann(
         raise FuncoptError(f"{solver}: `alpha` must be > 0, got {alpha!r}; pass alpha=None to estimate it.")
     _check_finite_rhs(b, solver, leaves)
     matvec = _checked_matvec(matvec, b, solver)
-    inspect = _inspectable(leaves[0])
     matvecs = 0
     if alpha is None:
         lam, _ = power_iteration(matvec, b, iters=power_iters)
         matvecs += power_iters
-        if inspect and not (torch.isfinite(lam) and lam > 0):
+        if _is_true(~(torch.isfinite(lam) & (lam > 0))):
             raise FuncoptError(
                 f"{solver}: power iteration estimated the largest eigenvalue as {float(lam):.4g}, so "
                 "no safe step size exists; the matrix is not positive definite here (is the inner "
@@ -413,13 +415,13 @@ def solve_neumann(
         aterm = matvec(term)
         matvecs += 1
         bad = ~_all_finite(aterm)
-        if inspect and bool(bad):
+        if _is_true(bad):
             _raise_nonfinite(solver, j)
         nonfinite = nonfinite | bad
         term = _tree.add_scaled(term, -alpha, aterm)
         sq = _tree.sum_squares(term)
         step_grew = sq > limit * prev_sq
-        if inspect and bool(step_grew):
+        if _is_true(step_grew):
             ratio = float(torch.sqrt(sq / prev_sq))
             raise FuncoptError(
                 f"{solver}: the series diverges: term {j} is {ratio:.3g}x larger than term {j - 1} "
@@ -460,7 +462,6 @@ def _cg_loop(matvec, b, x0, maxiter, rtol, atol, on_negative_curvature, solver):
         raise FuncoptError(f"{solver}: on_negative_curvature must be one of {_NEG_CURV_CHOICES}, got {on_negative_curvature!r}.")
     _check_finite_rhs(b, solver, leaves)
     matvec = _checked_matvec(matvec, b, solver)
-    inspect = _inspectable(leaves[0])
     matvecs = 0
     if x0 is None:
         x = _tree.zeros_like(b)
@@ -478,16 +479,16 @@ def _cg_loop(matvec, b, x0, maxiter, rtol, atol, on_negative_curvature, solver):
     nonfinite = torch.zeros_like(active)
     iterations = torch.zeros((), dtype=torch.int64, device=leaves[0].device)
     for k in range(maxiter):
-        if inspect and not bool(active):
+        if _is_true(~active):
             break
         ap = matvec(p)
         matvecs += 1
         bad = ~_all_finite(ap)
-        if inspect and bool(bad):
+        if _is_true(bad):
             _raise_nonfinite(solver, k)
         pap = _tree.vdot(p, ap)
         curv = active & ~bad & (pap <= 0)
-        if inspect and bool(curv):
+        if _is_true(curv):
             msg = (
                 f"{solver}: negative curvature at iteration {k}: p^T A p = {float(pap):.4g} <= 0, so "
                 "the matrix is not positive definite here (an indefinite Hessian: the inner problem "
@@ -608,7 +609,7 @@ def solve_normal_cg(
         return rmatvec(matvec(v))
 
     rhs = rmatvec(b)
-    if _inspectable(_tree.leaves(rhs)[0]) and not bool(_all_finite(rhs)):
+    if _is_true(~_all_finite(rhs)):
         _raise_nonfinite(solver, 0)
     x, info = _cg_loop(normal, rhs, None, maxiter, rtol, atol, "raise", solver)
     info = info._replace(matvecs=2 * info.matvecs + 1)
@@ -659,11 +660,10 @@ def solve_dense(
 
     # vmap over unit vectors e_i gives the rows A^T e_i... of the columns A e_i, stacked as rows.
     matrix = torch.func.vmap(column)(eye).transpose(0, 1)
-    inspect = _inspectable(leaves[0])
     bad = ~torch.isfinite(matrix).all()
-    if inspect and bool(bad):
+    if _is_true(bad):
         _raise_nonfinite(solver, 0)
-    if inspect:
+    if _inspectable(matrix):
         try:
             flat_x = torch.linalg.solve(matrix, flat_b)
         except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError

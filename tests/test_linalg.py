@@ -256,3 +256,12 @@ def test_nonfinite_rhs_raises_with_path(name):
     b = {"ok": torch.ones(2, dtype=D), "bad": torch.tensor([1.0, float("inf")], dtype=D)}
     with pytest.raises(FuncoptError, match=r"right-hand side is not finite.*\['bad'\]"):
         SOLVERS[name](lambda v: v, b)
+
+
+def test_solvers_under_vmap_over_the_operator_with_unbatched_rhs():
+    A, matvec, b, unravel = _spd_operator(cond=10.0)
+    scales = torch.tensor([1.0, 2.0, 4.0], dtype=D)
+    expected = torch.linalg.solve(A, tree.ravel(b)[0])[None] / scales[:, None]
+    for solver in (L.solve_cg, functools.partial(L.solve_neumann, iters=400), L.solve_dense):
+        out = torch.func.vmap(lambda s: tree.ravel(solver(lambda v: tree.scale(s, matvec(v)), b))[0])(scales)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-9)

@@ -431,13 +431,16 @@ class SweepResult:
             x = self.hparams[hp] if hp in self.hparams else list(range(self.k))
             others = [n for n in self.hparams if n != hp]
             colour = self.hparams[others[0]] if others else None
-            sc = ax.scatter(x, y, c=colour, cmap="viridis", s=28,
-                            norm="log" if colour and _log_scale(colour) else None)
+            sc = ax.scatter(x, y, c=colour, cmap="viridis", s=28, alpha=0.85,
+                            norm=_colour_norm(colour) if colour else None)
             ax.scatter([x[best]], [y[best]], s=120, facecolors="none", edgecolors="red", label="best")
             if others:
                 fig.colorbar(sc, ax=ax, label=others[0])
-            if _log_scale(x):
+            scale = _axis_scale(x)
+            if scale == "log":
                 ax.set_xscale("log")
+            elif scale:
+                ax.set_xscale("symlog", linthresh=scale)
             ax.set_xlabel(hp)
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
@@ -447,8 +450,24 @@ class SweepResult:
         return fig
 
 
-def _log_scale(values: Sequence[float]) -> bool:
-    return min(values) > 0 and max(values) / min(values) >= 10
+def _axis_scale(values: Sequence[float]) -> str | float | None:
+    """"log" for positive values spanning a factor >= 10; for such values plus zeros, the
+    smallest positive value (the linear threshold of a symlog axis); else None (linear)."""
+    positive = [v for v in values if v > 0]
+    if not positive or max(positive) / min(positive) < 10 or any(v < 0 for v in values):
+        return None
+    return "log" if len(positive) == len(values) else min(positive)
+
+
+def _colour_norm(values: Sequence[float]) -> Any:
+    from matplotlib.colors import LogNorm, SymLogNorm
+
+    scale = _axis_scale(values)
+    if scale == "log":
+        return LogNorm(min(values), max(values))
+    if scale:
+        return SymLogNorm(linthresh=scale, vmin=0.0, vmax=max(values))
+    return None
 
 
 def _rank_positions(run: _Run, plan: _Plan) -> list[int]:

@@ -87,6 +87,16 @@ def test_round_trip_rebuilds_types_values_and_order(tmp_path):
     _assert_same(ck.load(path, like=tree), tree)
 
 
+def test_tensor_keys_are_the_pytree_paths(tmp_path):
+    params = {"w": torch.zeros(2), 3: torch.ones(1)}
+    tree = {"params": params, "opt_state": funcopt.inject_hyperparams(funcopt.adam)(learning_rate=0.1).init(params),
+            "l": [torch.ones(1), (torch.ones(1), 2.0)]}
+    ck.save(tmp_path / "p.safetensors", tree)
+    saved = [leaf.path for leaf in ck.inspect(tmp_path / "p.safetensors").leaves]
+    assert sorted(saved) == sorted(funcopt.tree.paths(tree))
+    assert any(p.startswith("['opt_state'].inner_state[") and p.endswith(".mu[3]") for p in saved)
+
+
 def test_file_is_plain_safetensors_both_ways(tmp_path):
     from safetensors.torch import load_file, save_file
 

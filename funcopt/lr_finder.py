@@ -805,11 +805,8 @@ def lr_sweep(
     s_flat, s_spec = optree.tree_flatten(states[0], none_is_leaf=False)
     is_tensor = [isinstance(x, torch.Tensor) for x in s_flat]
     static = [None if t else x for x, t in zip(s_flat, is_tensor)]
-    s_leaves = [
-        torch.stack([optree.tree_leaves(st, none_is_leaf=False)[j] for st in states])
-        for j, t in enumerate(is_tensor)
-        if t
-    ]
+    flats = [optree.tree_leaves(st, none_is_leaf=False) for st in states]
+    s_leaves = [torch.stack([f[j] for f in flats]) for j, t in enumerate(is_tensor) if t]
 
     def unflatten_state(tensors: list[torch.Tensor]) -> Any:
         it = iter(tensors)
@@ -840,12 +837,12 @@ def lr_sweep(
     batches = _cycle(data)
     first = next(batches)
     batches_from_start = _chain_first(first, batches)
-    history: list[list[float]] = []
+    history: list[torch.Tensor] = []
     bar = _bar(progress, steps, f"lr_sweep (K={k})")
     try:
         for step in range(steps):
             grads, loss = _accumulated(vgrad, p_leaves, batches_from_start, accumulate)
-            history.append([float(v) for v in loss.detach().cpu().tolist()])
+            history.append(loss.detach())
             with torch.no_grad():
                 p_leaves, s_leaves = vupdate(grads, s_leaves, p_leaves)
             if step == 0:
@@ -854,8 +851,8 @@ def lr_sweep(
         final = vloss(p_leaves, first if eval_batch is None else eval_batch)
     finally:
         bar.close()
-    losses = [float(v) for v in final.detach().cpu().tolist()]
-    train = [[row[j] for row in history] for j in range(k)]
+    losses = final.detach().double().cpu().tolist()
+    train = torch.stack(history, dim=1).double().cpu().tolist()  # (K, steps), one read-back
     return LRFinderResult(
         lrs=lrs,
         losses=losses,

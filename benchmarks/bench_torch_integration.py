@@ -4,8 +4,9 @@
    default; and fused) vs the functional ``tx.update`` + ``apply_updates``, on an MLP whose
    gradients are fixed (only the step is timed).
 2. Data-parallel step on 2 local gloo ranks: ``chain(average_gradients(), adam)`` in a functional
-   loop vs ``DistributedDataParallel`` + ``torch.optim.Adam`` (forward, backward, all-reduce and
-   the optimizer step are timed together).
+   loop, and ``all_reduce`` + a donating ``apply_gradients`` (fused in-place Adam), vs
+   ``DistributedDataParallel`` + ``torch.optim.Adam`` (forward, backward, all-reduce and the
+   optimizer step are timed together).
 
 Each round runs every variant once in an interleaved order after a warm-up that is not counted;
 the tables report the median per-step time and its ratio to the torch reference measured in the
@@ -104,7 +105,21 @@ def dp_rank(hidden: int, rounds: int, steps: int, batch: int) -> list[tuple[str,
         updates, box["state"] = tx.update(grads, box["state"], box["params"])
         box["params"] = funcopt.apply_updates(box["params"], updates)
 
-    variants = {"DDP + torch.optim.Adam": ddp_step, "funcopt average_gradients + adam": funcopt_step}
+    adam = funcopt.adam(1e-3)
+    donated = {"params": funcopt.nn.extract(model)[0]}
+    donated["state"] = adam.init(donated["params"])
+
+    def donating_step():
+        grads = fd.all_reduce(grad_fn(donated["params"]))
+        donated["params"], donated["state"] = funcopt.apply_gradients(
+            adam, grads, donated["state"], donated["params"], donate=True
+        )
+
+    variants = {
+        "DDP + torch.optim.Adam": ddp_step,
+        "funcopt chain(average_gradients(), adam) + apply_updates": funcopt_step,
+        "funcopt all_reduce + apply_gradients(adam, donate=True)": donating_step,
+    }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for fn in variants.values():
         timed(fn, 2)

@@ -88,7 +88,10 @@ def _find_step(enc: _Encoder, metadata: dict[str, Any]) -> int | None:
     for key, t in enc.tensors:
         if key.endswith(".count") and t.dim() == 0 and not t.is_floating_point() and t.device.type != "meta":
             if t.dtype != torch.bool and not t.is_complex():
-                return int(t.detach().to("cpu"))
+                try:
+                    return int(t.detach().to("cpu"))
+                except RuntimeError:  # a tensor inside a torch.func transform; reported by save
+                    return None
     return None
 
 

@@ -89,6 +89,22 @@ def test_fused_fast_path_updates_params_and_state_in_place():
     assert opt.funcopt_state[0].count.item() == 2
 
 
+def test_mask_replaces_torch_param_groups():
+    """Weight decay on weights only: a funcopt mask vs torch.optim.AdamW with two param groups."""
+    module, _, _, (X, Y) = mlp_problem()
+    ours, theirs = copy.deepcopy(module), copy.deepcopy(module)
+    decay = lambda params: {k: k.endswith("weight") for k in params}
+    opt = as_torch_optimizer(funcopt.adamw(1e-2, weight_decay=0.5, mask=decay), ours)
+    named = dict(theirs.named_parameters())
+    groups = [
+        {"params": [v for k, v in named.items() if k.endswith("weight")], "weight_decay": 0.5},
+        {"params": [v for k, v in named.items() if not k.endswith("weight")], "weight_decay": 0.0},
+    ]
+    torch_run(opt, ours, X, Y)
+    torch_run(torch.optim.AdamW(groups, lr=1e-2), theirs, X, Y)
+    assert_trees_close(params_of(ours), params_of(theirs), rtol=1e-10, atol=1e-12)
+
+
 def test_chain_with_schedule_matches_functional():
     module, params, loss_fn, (X, Y) = mlp_problem()
 

@@ -299,17 +299,19 @@ def test_grid_and_random_search():
 def test_table_rows_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     _, init, loss_fn, batches, accuracy = _problem()
-    hp = S.grid(learning_rate=[0.001, 0.01, 0.1], weight_decay=[0.0, 0.1])
+    hp = S.grid(learning_rate=[0.001, 0.01, 0.1], weight_decay=[0.0, 0.01, 0.1])
     res = S.sweep(loss_fn, init(0), funcopt.adamw, hp, batches, steps=4, eval_fn=accuracy,
                   metric="full_loss", progress=False)
     rows = res.to_rows()
     assert [r["full_loss"] for r in rows] == sorted(r["full_loss"] for r in rows)
     assert set(rows[0]) == {"config", "learning_rate", "weight_decay", "steps", "loss", "acc", "full_loss"}
     text = str(res)
-    assert "ranked by full_loss (min)" in text and text.count("\n") == 2 + 6
+    assert "ranked by full_loss (min)" in text and text.count("\n") == 2 + 9
     fig = res.plot(tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
-    assert [ax.get_xscale() for ax in fig.axes[:1]] == ["log"]
+    # log-spaced learning rates: log axis; log-spaced decays including 0: symlog axis
+    assert [ax.get_xscale() for ax in fig.axes[:2]] == ["log", "symlog"]
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["learning_rate", "weight_decay"]
 
 
 def test_bad_input_errors():

@@ -57,6 +57,20 @@ def rank_rng():
     return {"seed": torch.tensor([100 + rank]), "epoch": 7 + rank}
 
 
+def torch_loop(distributed):
+    """An ordinary backward()/step() loop with as_torch_optimizer (data-parallel: no DDP needed)."""
+    params, batches = problem()
+    module = torch.nn.Module()
+    for k, v in params.items():
+        module.register_parameter(k, torch.nn.Parameter(v.clone()))
+    opt = funcopt.as_torch_optimizer(make_tx(distributed), module)
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(dict(module.named_parameters()), fd.shard(batch) if distributed else batch).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
 def worker(ckpt_dir):
     """The one multi-process job (each rank): data-parallel training with a DCP save midway, a
     2-rank restore that continues, and the checks that need a process group."""
@@ -83,6 +97,7 @@ def worker(ckpt_dir):
         mismatch = str(e)
     reduced = fd.all_reduce({"a": torch.tensor([1.0 + rank]), "i": torch.tensor([2 + rank])}, op="sum")
     return {
+        "torch_loop": torch_loop(True),
         "world": world,
         "final": final,
         "resumed": resumed,
@@ -115,6 +130,13 @@ def test_two_rank_data_parallel_equals_full_batch(two_rank_runs):
     assert [r["world"] for r in first] == [2, 2]
     assert_trees_equal(first[0]["final"], first[1]["final"])  # replicas stay identical
     assert_trees_close(first[0]["final"], expected, rtol=1e-12, atol=1e-13)
+
+
+def test_as_torch_optimizer_with_average_gradients_equals_full_batch(two_rank_runs):
+    _, first = two_rank_runs
+    expected = torch_loop(False)
+    assert_trees_equal(first[0]["torch_loop"], first[1]["torch_loop"])
+    assert_trees_close(first[0]["torch_loop"], expected, rtol=1e-12, atol=1e-13)
 
 
 def test_all_reduce_sum_and_structure_check_across_ranks(two_rank_runs):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable, NamedTuple
 
+import optree
 import torch
 
 from funcopt import tree as _tree
@@ -121,15 +122,17 @@ def _checked_matvec(matvec: MatVec, b: PyTree, solver: str) -> MatVec:
 
     def wrapped(v):
         out = matvec(v)
-        if _tree.structure(out) != spec:
+        out_leaves, out_spec = optree.tree_flatten(out, none_is_leaf=False)
+        if out_spec != spec:
             _tree.check_same_structure(out, b, (f"{solver}: matvec(v)", "b"))
-        for path, o, s in zip(_tree.paths(b), _tree.leaves(out), shapes):
-            if o.shape != s:
-                raise FuncoptError(
-                    f"{solver}: matvec returned a leaf of shape {tuple(o.shape)} at {path}, but "
-                    f"`b` has shape {tuple(s)} there. matvec must map a pytree shaped like `b` to "
-                    "one of the same shapes."
-                )
+        if [o.shape for o in out_leaves] != shapes:
+            for path, o, s in zip(_tree.paths(b), out_leaves, shapes):
+                if o.shape != s:
+                    raise FuncoptError(
+                        f"{solver}: matvec returned a leaf of shape {tuple(o.shape)} at {path}, but "
+                        f"`b` has shape {tuple(s)} there. matvec must map a pytree shaped like `b` to "
+                        "one of the same shapes."
+                    )
         return out
 
     return wrapped

@@ -57,6 +57,29 @@ def rank_rng():
     return {"seed": torch.tensor([100 + rank]), "epoch": 7 + rank}
 
 
+def run_sweep(distributed):
+    """K=5 AdamW configurations (3 + 2 over two ranks), with an evaluation metric."""
+    from funcopt import sweep as S
+
+    params, batches = problem()
+    hp = {k: v[:5] for k, v in S.grid(learning_rate=[0.01, 0.05, 0.1], weight_decay=[0.0, 0.1]).items()}
+    x0, y0 = batches[0]
+
+    def eval_fn(p):
+        logits = torch.tanh(x0 @ p["w1"] + p["b1"]) @ p["w2"]
+        return {"acc": (logits.argmax(-1) == y0).double().mean()}
+
+    kw = dict(steps=3, eval_fn=eval_fn, metric="acc", mode="max", step_mode="stacked")
+    if distributed:
+        res = fd.sweep(loss_fn, params, funcopt.adamw, hp, batches, **kw)
+    else:
+        res = S.sweep(loss_fn, params, funcopt.adamw, hp, batches, progress=False, **kw)
+    if res is None:
+        return None
+    return {"rows": res.to_rows(), "loss": res.loss, "evals": res.evals, "params": res.params,
+            "opt_state": res.opt_state, "best": res.best().index}
+
+
 def torch_loop(distributed):
     """An ordinary backward()/step() loop with as_torch_optimizer (data-parallel: no DDP needed)."""
     params, batches = problem()
@@ -98,6 +121,7 @@ def worker(ckpt_dir):
     reduced = fd.all_reduce({"a": torch.tensor([1.0 + rank]), "i": torch.tensor([2 + rank])}, op="sum")
     return {
         "torch_loop": torch_loop(True),
+        "sweep": run_sweep(True),
         "world": world,
         "final": final,
         "resumed": resumed,
@@ -137,6 +161,23 @@ def test_as_torch_optimizer_with_average_gradients_equals_full_batch(two_rank_ru
     expected = torch_loop(False)
     assert_trees_equal(first[0]["torch_loop"], first[1]["torch_loop"])
     assert_trees_close(first[0]["torch_loop"], expected, rtol=1e-12, atol=1e-13)
+
+
+def test_distributed_sweep_returns_the_local_table_on_rank_0(two_rank_runs):
+    _, first = two_rank_runs
+    expected = run_sweep(False)
+    got = first[0]["sweep"]
+    assert first[1]["sweep"] is None
+    assert [r["config"] for r in got["rows"]] == [r["config"] for r in expected["rows"]]
+    for a, e in zip(got["rows"], expected["rows"]):
+        assert a.keys() == e.keys()
+        for key in a:
+            assert a[key] == pytest.approx(e[key], rel=1e-12, abs=1e-14), (key, a, e)
+    assert got["best"] == expected["best"]
+    assert_trees_close(got["loss"], expected["loss"], rtol=1e-12, atol=1e-14)
+    assert_trees_close(got["evals"], expected["evals"], rtol=1e-12, atol=1e-14)
+    assert_trees_close(got["params"], expected["params"], rtol=1e-12, atol=1e-14)
+    assert_trees_close(got["opt_state"], expected["opt_state"], rtol=1e-12, atol=1e-14)
 
 
 def test_all_reduce_sum_and_structure_check_across_ranks(two_rank_runs):
@@ -213,6 +254,7 @@ def test_helpers_without_process_group_raise_clear_errors():
         lambda: fd.average_gradients().update(tree, funcopt.EmptyState()),
         lambda: fd.check_same_structure_across_ranks(tree),
         lambda: fd.shard(tree),
+        lambda: fd.sweep(lambda p, b: p["w"].sum(), tree, funcopt.sgd, {"learning_rate": [0.1]}, None, steps=1),
     ):
         with pytest.raises(funcopt.FuncoptError, match="needs an initialized torch.distributed process group"):
             call()

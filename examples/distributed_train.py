@@ -8,6 +8,7 @@ The run is saved with torch.distributed.checkpoint and restored in a single proc
     torchrun --nproc-per-node 2 examples/distributed_train.py     # torchrun starts the ranks
     python examples/distributed_train.py --nproc 2                 # starts 2 local gloo ranks itself
     python examples/distributed_train.py --fast                    # a few seconds (CI)
+    torchrun --nproc-per-node 2 examples/distributed_train.py --sweep   # 8-config sweep split over ranks
 
 Data: scikit-learn's bundled digits (8x8 images, 10 classes); nothing is downloaded.
 """
@@ -110,6 +111,29 @@ def restore_in_one_process(data, ckpt_dir: str) -> float:
     return acc
 
 
+def sweep_rank(data, steps: int) -> str | None:
+    """A learning-rate x weight-decay grid split over the ranks; the table comes back on rank 0."""
+    from funcopt import sweep as S
+
+    (X, y), (X_test, y_test) = data
+    model = make_model()
+    torch.manual_seed(0)
+    params, _ = funcopt.nn.extract(model)
+
+    def loss_fn(p, batch):
+        xb, yb = batch
+        return torch.nn.functional.cross_entropy(funcopt.nn.apply(model, p, None, xb), yb)
+
+    def eval_fn(p):
+        return {"test_acc": (funcopt.nn.apply(model, p, None, X_test).argmax(-1) == y_test).float().mean()}
+
+    batches = [(X[i : i + 100], y[i : i + 100]) for i in range(0, len(X), 100)]
+    hp = S.grid(learning_rate=[1e-3, 3e-3, 1e-2, 3e-2], weight_decay=[0.0, 1e-2])
+    res = fd.sweep(loss_fn, params, funcopt.adamw, hp, batches, steps=steps, eval_fn=eval_fn,
+                   metric="test_acc", mode="max")
+    return None if res is None else res.table()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="a short run (CI)")
@@ -117,15 +141,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100, help="global batch size (split over ranks)")
     parser.add_argument("--nproc", type=int, default=2, help="local ranks to start without torchrun (1: no group)")
     parser.add_argument("--out", default=".", help="directory for the checkpoint")
+    parser.add_argument("--sweep", action="store_true", help="run an 8-configuration sweep split over the ranks instead")
     args = parser.parse_args()
     epochs = 2 if args.fast else args.epochs
     ckpt_dir = os.path.join(args.out, "distributed_ckpt")
     os.makedirs(args.out, exist_ok=True)
 
+    sweep_steps = 30 if args.fast else 14 * args.epochs
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         try:
+            if args.sweep:
+                table = sweep_rank(load_data(), sweep_steps)
+                if table is not None:
+                    print(table)
+                return
             summary = train(load_data(), epochs, args.batch_size, ckpt_dir)
         finally:
             dist.destroy_process_group()
@@ -135,6 +166,9 @@ def main() -> None:
         return
 
     data = load_data()
+    if args.sweep:
+        print(fd.launch(sweep_rank, max(args.nproc, 1), (data, sweep_steps))[0])
+        return
     if args.nproc > 1:
         results = fd.launch(rank_main, args.nproc, (data, epochs, args.batch_size, ckpt_dir))
         summary = results[0]

@@ -156,14 +156,15 @@ def scale_by_lbfgs(
         s_hist, y_hist = S.index_select(0, order), Y.index_select(0, order)
         valid = torch.arange(m, device=g.device) < num_pairs
         r_hist = torch.where(valid, R.index_select(0, order), torch.zeros_like(R))
+        s_rows, y_rows, rho_rows = s_hist.unbind(0), y_hist.unbind(0), r_hist.unbind(0)
         q = g
         alphas = []
         for k in range(m):
-            alpha = r_hist[k] * torch.dot(s_hist[k], q)
-            q = q - alpha * y_hist[k]
+            alpha = rho_rows[k] * torch.dot(s_rows[k], q)
+            q = torch.addcmul(q, alpha, y_rows[k], value=-1)
             alphas.append(alpha)
         if scale_init_precond:
-            s_new, y_new = s_hist[0], y_hist[0]
+            s_new, y_new = s_rows[0], y_rows[0]
             gamma_pairs = torch.dot(s_new, y_new) / torch.clamp(torch.dot(y_new, y_new), min=torch.finfo(g.dtype).tiny)
             gamma_first = torch.clamp(1.0 / torch.sum(torch.abs(g)), max=1.0)
             gamma = torch.where(num_pairs > 0, gamma_pairs, gamma_first)
@@ -171,8 +172,8 @@ def scale_by_lbfgs(
             gamma = torch.ones_like(ys)
         r = gamma * q
         for k in reversed(range(m)):
-            beta = r_hist[k] * torch.dot(y_hist[k], r)
-            r = r + (alphas[k] - beta) * s_hist[k]
+            beta = rho_rows[k] * torch.dot(y_rows[k], r)
+            r = torch.addcmul(r, alphas[k] - beta, s_rows[k])
 
         new_state = ScaleByLbfgsState(
             count=state.count + 1,

@@ -87,7 +87,9 @@ def _to_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
     if x.is_floating_point():
         return x.reshape(-1, 1).to(dtype)
-    return x[0]
+    if x.shape[0] == 1 or torch.equal(x, x[:1].expand_as(x)):
+        return x[0]  # a count shared by all configurations (the usual case)
+    return x.reshape(-1, 1)  # counts that differ per configuration: broadcast them too
 
 
 def _from_rows(y: Any, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
@@ -242,6 +244,11 @@ def check_stacked_update(
 
     for step in range(steps):
         grads = _tree.map(probe, p_s)
+        if step == steps - 1 and k > 1:
+            # A non-finite gradient in configuration 0 only: shows checks that look at all
+            # configurations together (e.g. apply_if_finite's "all finite" test).
+            first = _tree.leaves(grads)[0]
+            first.view(k, -1)[0, 0] = float("nan")
         try:
             with torch.no_grad():
                 u_s, s_s = stacked_update(tx, grads, s_s, p_s)
@@ -258,6 +265,9 @@ def check_stacked_update(
                         return False, f"{what}{path} differs at step {step}"
                     continue
                 xf, yf = x.reshape(k, -1).double(), y.reshape(k, -1).double()
+                if not torch.equal(torch.isnan(xf), torch.isnan(yf)):
+                    return False, f"{what}{path}: NaNs differ at step {step}"
+                xf, yf = torch.nan_to_num(xf, nan=0.0), torch.nan_to_num(yf, nan=0.0)
                 err = (xf - yf).abs().amax(dim=1)
                 ref = yf.abs().amax(dim=1)
                 if not bool(torch.all(err <= rtol * ref + 1e-30)):

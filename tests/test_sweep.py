@@ -137,6 +137,36 @@ def test_non_elementwise_optimizers_are_detected_and_fall_back_to_vmap():
         assert not ok and "differs" in reason
 
 
+def test_checks_across_all_configurations_are_detected_by_a_nan_probe():
+    """apply_if_finite tests "all gradients finite": over the stack that would couple configs."""
+    params = {"w": torch.randn(3, 4, dtype=torch.float64)}
+    tx = funcopt.inject_hyperparams(
+        lambda learning_rate=0.1: funcopt.apply_if_finite(funcopt.sgd(learning_rate), 3))()
+    p = S.stack_params(params, 3)
+    st = S.stack_states(tx, p, {"learning_rate": [1e-3, 1e-2, 1e-1]})
+    ok, reason = stacked.check_stacked_update(tx, p, st)
+    assert not ok and "step 2" in reason
+
+
+def test_stacked_step_with_counts_that_differ_per_configuration():
+    params = {"w": torch.randn(3, 4, dtype=torch.float32), "b": torch.randn(4, dtype=torch.float32)}
+    tx = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=0.01)
+    states = []
+    for i, lr in enumerate([1e-3, 1e-2, 1e-1]):
+        s = funcopt.set_hyperparams(tx.init(params), learning_rate=lr)
+        for _ in range(i):  # configuration i has taken i steps
+            _, s = tx.update(tree.map(torch.ones_like, params), s, params)
+        states.append(s)
+    st, p = tree.stack(states), S.stack_params(params, 3)
+    grads = tree.map(torch.randn_like, p)
+    u_s, s_s = stacked.stacked_update(tx, grads, st, p)
+    u_v, s_v = stacked.vmapped_update(tx, grads, st, p)
+    assert_trees_close(u_s, u_v, rtol=1e-5, atol=1e-7)
+    assert_trees_close(s_s, s_v, rtol=1e-5, atol=1e-7)
+    assert s_s.count.tolist() == [1, 2, 3]
+    assert funcopt.get_hyperparams(s_s)["learning_rate"].tolist() == [1e-3, 1e-2, 1e-1]
+
+
 def test_lamb_sweep_uses_vmap_and_matches_training_alone():
     _, init, loss_fn, batches, _ = _problem()
     hp = {"learning_rate": [0.01, 0.05]}

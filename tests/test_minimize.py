@@ -202,3 +202,18 @@ def test_errors_are_clear():
         minimize(rosen, start, tol=-1.0)
     with pytest.raises(funcopt.FuncoptError, match="at least one tensor"):
         minimize(rosen, {})
+
+
+def test_mixed_dtypes_and_injected_learning_rate():
+    params = {"a": torch.zeros(3, dtype=torch.float32), "b": torch.zeros(2, 2, dtype=F64)}
+
+    def loss(p):
+        return torch.sum((p["a"].double() - 1.0) ** 2) + torch.sum((p["b"] + 2.0) ** 2)
+
+    res = minimize(loss, params, tol=1e-6)
+    assert res.converged and res.params["a"].dtype == torch.float32 and res.params["b"].dtype == F64
+    torch.testing.assert_close(res.params["b"], torch.full((2, 2), -2.0, dtype=F64), rtol=0, atol=1e-7)
+    tx = funcopt.inject_hyperparams(lbfgs)(learning_rate=0.5)
+    res = minimize(loss, params, tx, max_steps=200, tol=1e-6)
+    assert res.converged and float(funcopt.get_hyperparams(res.state)["learning_rate"]) == 0.5
+    torch.testing.assert_close(res.params["a"], torch.ones(3), rtol=0, atol=1e-6)

@@ -116,8 +116,8 @@ def sweep_rank(data, steps: int) -> str | None:
     from funcopt import sweep as S
 
     (X, y), (X_test, y_test) = data
+    torch.manual_seed(0)  # the same initial params on every rank
     model = make_model()
-    torch.manual_seed(0)
     params, _ = funcopt.nn.extract(model)
 
     def loss_fn(p, batch):

@@ -505,7 +505,8 @@ def sweep(
     Rank ``r`` trains a contiguous share of the configurations (sizes differ by at most one)
     with the local batched sweep; the shares' loss and metric histories, final stacked params
     and optimizer states are gathered (``gather_object``, on CPU) and concatenated in
-    configuration order. Every rank must pass the same arguments and see the same ``data``.
+    configuration order. Every rank must pass the same arguments and see the same ``data``;
+    a params tree given as ``init_params`` is broadcast from rank 0 first.
 
     Args:
         loss_fn, init_params, optimizer, hparams, data, steps, seeds: as for
@@ -539,6 +540,8 @@ def sweep(
             f"configurations {sorted(lengths) or '(none)'}; give every name one value per configuration."
         )
     k = lengths.pop()
+    if not callable(init_params):
+        init_params = broadcast(init_params, group=group)  # the same start on every rank
     bounds = [round(i * k / world) for i in range(world + 1)]
     share = list(range(bounds[rank], bounds[rank + 1]))
     receives = dst is None or rank == dst

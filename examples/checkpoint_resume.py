@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--out", default="checkpoint_resume_out", help="checkpoint directory")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a tiny model: more intra-op threads only add synchronisation
     steps = 40 if args.fast else args.steps
     every = 10 if args.fast else 50
     crash_at = (steps // 2) // every * every + every // 2  # mid-way between two checkpoints

@@ -23,6 +23,17 @@ from funcopt import checkpoint_tree
 from funcopt.checkpoint import CheckpointError
 from funcopt.checkpoint_format import Reader
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems here are tiny: one intra-op thread avoids OpenMP synchronisation overhead,
+    which dominates (100x) when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the resume child imports this file
 from helpers import assert_trees_equal  # noqa: E402
 

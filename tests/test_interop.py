@@ -11,6 +11,17 @@ import funcopt
 from funcopt import interop
 from funcopt.base import FuncoptError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The problems here are tiny: one intra-op thread avoids OpenMP synchronisation overhead,
+    which dominates (100x) when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 N_STEPS, M_STEPS = 4, 3
 
 CASES = {

@@ -88,7 +88,7 @@ def _alone_tx(optimizer, values):
 def test_each_configuration_equals_training_it_alone(case, step_mode):
     optimizer, hp = CASES[case]
     _, init, loss_fn, batches, _ = _problem()
-    steps = 7
+    steps = 5
     res = S.sweep(loss_fn, init(0), optimizer, hp, batches, steps=steps, step_mode=step_mode, progress=False)
     assert res.step_mode == step_mode
     k = len(next(iter(hp.values())))

@@ -220,7 +220,9 @@ def _collect_params(params_or_module: Any) -> PyTree:
         if not p.is_leaf or not p.requires_grad:
             raise FuncoptError(
                 f"as_torch_optimizer: leaf {path} must be a leaf tensor with requires_grad=True "
-                "(an nn.Parameter), like the parameters torch.optim optimizers take."
+                "(an nn.Parameter). Leave frozen parameters out ([p for p in model.parameters() "
+                "if p.requires_grad], or pass the module, which does this), or keep them in the "
+                "tree and freeze them in the transformation with a mask."
             )
     return tree
 
@@ -496,15 +498,22 @@ class FuncoptOptimizer(torch.optim.Optimizer):
 
         Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         group["params"] = list(range(len(self._paths)))
-        return {
+        state_dict = {
             "format": _FORMAT,
             "state": {},
             "param_groups": [group],
             "param_paths": list(self._paths),
             "funcopt_state": state_to_plain(self._fstate),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a :meth:`state_dict`, moving each state tensor to its parameter's device.
@@ -513,6 +522,10 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             FuncoptError: if the state dict comes from another kind of optimizer, other
                 parameters or another transformation (naming the first differing path).
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
             keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise FuncoptError(
@@ -538,6 +551,8 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         for k, v in state_dict["param_groups"][0].items():
             if k != "params":
                 group[k] = v
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _same(a: Any, b: Any) -> bool:

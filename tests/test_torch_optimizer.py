@@ -240,6 +240,20 @@ def test_resume_keeps_the_lr_a_scheduler_set_after_the_last_step():
     assert_trees_equal(params_of(part), params_of(full))
 
 
+def test_state_dict_hooks_run():
+    module, _, _, _ = mlp_problem()
+    opt = as_torch_optimizer(funcopt.adam(1e-3), module)
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("loaded"))
+    sd = opt.state_dict()
+    assert sd["extra"] == 1
+    opt.load_state_dict(sd)
+    assert seen == ["pre", "loaded"]
+
+
 def test_state_dict_holds_only_plain_containers():
     module, _, _, _ = mlp_problem()
     sd = as_torch_optimizer(funcopt.adam(1e-3), module).state_dict()

@@ -169,7 +169,7 @@ def random_search(num: int, *, seed: int = 0, **distributions: _Distribution) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan of a sweep and the function that runs a subset of its configurations
+# From the user's arguments to a validated plan (the engine is in funcopt.stacked)
 
 
 def _resolve_optimizer(optimizer: Any, values: dict[str, list[float]]) -> GradientTransformation:
@@ -197,7 +197,13 @@ def _resolve_optimizer(optimizer: Any, values: dict[str, list[float]]) -> Gradie
             f"Unknown hyperparameter(s) {unknown} for {getattr(optimizer, '__name__', optimizer)}; "
             f"valid names: {valid} (boolean, integer and string arguments are static)."
         )
-    return inject_hyperparams(optimizer)(**{n: v[0] for n, v in values.items()})
+    try:
+        return inject_hyperparams(optimizer)(**{n: v[0] for n, v in values.items()})
+    except FuncoptError as e:
+        raise FuncoptError(
+            f"{e} Sweep that argument, or fix it with functools.partial, e.g. "
+            "functools.partial(funcopt.sgd, learning_rate=0.1)."
+        ) from None
 
 
 def _make_plan(

@@ -358,6 +358,8 @@ def test_bad_input_errors():
         run(funcopt.adam, {"amsgrad": [0.0, 1.0]})
     with pytest.raises(funcopt.FuncoptError, match="keeps no hyperparameters in its state.*funcopt.inject_hyperparams"):
         run(funcopt.adam(0.1), {"learning_rate": [0.1, 0.2]})
+    with pytest.raises(funcopt.FuncoptError, match="missing a required argument: 'learning_rate'.*functools.partial"):
+        run(funcopt.sgd, {"momentum": [0.0, 0.9]})
     with pytest.raises(TypeError, match="optimizer must be a factory"):
         run("adam", {"learning_rate": [0.1]})
     with pytest.raises(funcopt.FuncoptError, match="non-numeric value 'x'"):
@@ -387,6 +389,17 @@ def test_bad_input_errors():
     p = S.stack_params(p0, 2)
     with pytest.raises(funcopt.FuncoptError, match=r"state leaf at .* has no leading configuration axis"):
         stacked.stacked_update(funcopt.sgd(0.1), p, funcopt.sgd(0.1, momentum=0.9).init(p0), p)
+
+
+def test_fixed_arguments_through_functools_partial():
+    import functools
+
+    _, init, loss_fn, batches, _ = _problem()
+    res = S.sweep(loss_fn, init(0), functools.partial(funcopt.sgd, learning_rate=0.1),
+                  {"momentum": [0.0, 0.9]}, batches, steps=3, progress=False)
+    tx = funcopt.inject_hyperparams(funcopt.sgd)(learning_rate=0.1, momentum=0.9)
+    params, _, _ = _train_alone(loss_fn, init(0), tx, batches, 3)
+    assert_trees_close(res.select(1)[0], params, rtol=1e-10, atol=1e-12)
 
 
 def test_sweep_does_not_modify_inputs():

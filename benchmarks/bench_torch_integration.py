@@ -144,11 +144,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256, help="global batch of the data-parallel step")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     n = sum(p.numel() for p in make_mlp(args.hidden).parameters())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, MLP with {n / 1e6:.2f}M float32 params\n")
     print("Optimizer step only (gradients fixed):")
-    print(table(bench_step(args.hidden, args.rounds, args.steps), "torch.optim.Adam (foreach)"))
+    print(table(bench_step(args.hidden, args.rounds, args.steps), "torch.optim.Adam (fused)"))
     print("\nData-parallel training step, 2 gloo ranks on this machine (1 thread each):")
     rows = fd.launch(dp_rank, 2, (args.hidden, args.rounds, args.steps, args.batch))[0]
     print(table(rows, "DDP + torch.optim.Adam"))

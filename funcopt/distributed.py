@@ -301,6 +301,13 @@ def save(path: str | os.PathLike, tree: PyTree, *, per_rank: PyTree | None = Non
     import torch.distributed.checkpoint as dcp
 
     path = os.fspath(path)
+    if os.path.exists(path) and not (
+        os.path.isdir(path) and (not os.listdir(path) or os.path.isfile(os.path.join(path, ".metadata")))
+    ):
+        raise FuncoptError(
+            f"funcopt.distributed.save: {path!r} exists and is not a DCP checkpoint; refusing to "
+            "replace it. Pass a new directory name (or an earlier checkpoint's, to overwrite it)."
+        )
     distributed = is_initialized()
     rank, world = rank_and_world_size(group)
     if distributed:

@@ -243,6 +243,11 @@ def test_single_process_save_load_roundtrip_and_overwrite(tmp_path):
     assert_trees_equal(out, tree)
     assert torch.equal(own["x"], torch.arange(3) + 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "keep.txt").write_text("user data")
+    with pytest.raises(funcopt.FuncoptError, match="exists and is not a DCP checkpoint"):
+        fd.save(tmp_path / "results", tree)
+    assert (tmp_path / "results" / "keep.txt").read_text() == "user data"
 
 
 def test_helpers_without_process_group_raise_clear_errors():

@@ -141,7 +141,8 @@ def scale_by_lbfgs(
         yy = torch.dot(y, y)
         ss = torch.dot(s, s)
         accept = (state.count > 0) & (ys > eps * torch.sqrt(ss * yy)) & torch.isfinite(ys)
-        slot = (torch.arange(m, device=g.device) == state.head) & accept
+        slots = torch.arange(m, device=g.device)
+        slot = (slots == state.head) & accept
         rho = torch.where(accept, 1.0 / torch.where(accept, ys, torch.ones_like(ys)), torch.zeros_like(ys))
         S = torch.where(slot[:, None], s, state.diff_params_memory)
         Y = torch.where(slot[:, None], y, state.diff_updates_memory)
@@ -152,9 +153,9 @@ def scale_by_lbfgs(
         # 2. Two-loop recursion over the valid pairs, newest first (Nocedal & Wright, Alg. 7.4).
         # The ring is read in age order through one gather; weights of empty slots are zeroed,
         # which makes their terms vanish without branching.
-        order = (head - 1 - torch.arange(m, device=g.device)) % m
+        order = (head - 1 - slots) % m
         s_hist, y_hist = S.index_select(0, order), Y.index_select(0, order)
-        valid = torch.arange(m, device=g.device) < num_pairs
+        valid = slots < num_pairs
         r_hist = torch.where(valid, R.index_select(0, order), torch.zeros_like(R))
         s_rows, y_rows, rho_rows = s_hist.unbind(0), y_hist.unbind(0), r_hist.unbind(0)
         q = g

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ def rosen(p):
     return torch.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
 
 
+@functools.cache
 def _logistic_problem(lam=1e-2):
     from sklearn.datasets import load_breast_cancer
 

@@ -15,6 +15,15 @@ from helpers import assert_trees_close
 D = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: one thread avoids OpenMP spin-waiting on a shared CPU (10-70x)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _problem(seed=0):
     """A smooth non-quadratic scalar function of a nested pytree, and its data."""
     g = torch.Generator().manual_seed(seed)

@@ -448,7 +448,16 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             grads = self._grads(leaves, clone=True)
             value = loss.detach() if isinstance(loss, torch.Tensor) else loss
             extra = {"value": value, "grad": grads, "value_and_grad_fn": self._evaluator(closure, leaves)}
-        updates, new_state = self._tx.update(grads, self._fstate, params, **extra)
+        try:
+            updates, new_state = self._tx.update(grads, self._fstate, params, **extra)
+        except FuncoptError as e:
+            if closure is None and "value_fn" in str(e):
+                raise FuncoptError(
+                    f"{e} With as_torch_optimizer, pass a closure that zeroes the gradients, "
+                    "computes the loss, calls backward() and returns the loss: "
+                    "opt.step(closure), as for torch.optim.LBFGS."
+                ) from None
+            raise
         if _tree.structure(updates) != self._spec:
             _tree.check_same_structure(updates, params, ("updates", "params"))
         # Unalias before writing: the new state may hold the params/grads passed in as views.

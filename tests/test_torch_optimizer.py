@@ -172,6 +172,15 @@ def test_lbfgs_with_closure_matches_functional():
     assert loss.item() < 0.95  # it did optimize (starts at 1.86)
 
 
+def test_line_search_without_closure_says_to_pass_one():
+    lbfgs = pytest.importorskip("funcopt.lbfgs").lbfgs
+    module, _, _, (X, Y) = mlp_problem()
+    opt = as_torch_optimizer(lbfgs(), module)
+    torch.nn.functional.cross_entropy(module(X), Y).backward()
+    with pytest.raises(funcopt.FuncoptError, match=r"opt.step\(closure\), as for torch.optim.LBFGS"):
+        opt.step()
+
+
 def test_step_returns_closure_loss_and_runs_closure_under_grad():
     module, _, _, (X, Y) = mlp_problem()
     opt = as_torch_optimizer(funcopt.sgd(0.1), module)

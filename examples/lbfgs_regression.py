@@ -43,13 +43,13 @@ def linear_data(n=100, seed=0):
 
 def run_in_two_halves(loss, params, tx, steps_first, out_path, device):
     """Runs ``steps_first`` L-BFGS steps, saves, loads on ``device`` and finishes the run."""
-    first = funcopt.minimize(loss, params, tx, max_steps=steps_first, tol=1e-10)
+    first = funcopt.minimize(loss, params, tx, max_steps=steps_first, tol=1e-8)
     checkpoint.save(out_path, {"params": first.params, "opt_state": first.state}, step=first.num_steps)
     template = {"params": params, "opt_state": tx.init(params)}
     restored = checkpoint.load(out_path, like=template, device=device)
     print(f"  saved after {first.num_steps} steps ({first.num_evals} evaluations) to {out_path}, "
           f"loss {float(first.value):.6f}; resumed on {device}")
-    second = funcopt.minimize(loss, restored["params"], tx, max_steps=200, tol=1e-10, state=restored["opt_state"])
+    second = funcopt.minimize(loss, restored["params"], tx, max_steps=200, tol=1e-8, state=restored["opt_state"])
     return first, second
 
 
@@ -65,7 +65,7 @@ def linear_regression(out_dir, device):
 
     tx = funcopt.lbfgs(memory_size=10)
     first, second = run_in_two_halves(loss, params, tx, 5, os.path.join(out_dir, "linreg_mid.safetensors"), device)
-    whole = funcopt.minimize(loss, params, tx, max_steps=205, tol=1e-10)
+    whole = funcopt.minimize(loss, params, tx, max_steps=205, tol=1e-8)
     same = all(torch.equal(a.cpu(), b) for a, b in zip(funcopt.tree.leaves(second.params), funcopt.tree.leaves(whole.params)))
     print(f"  finished: {first.num_steps + second.num_steps} steps, {first.num_evals + second.num_evals} "
           f"evaluations, loss {float(second.value):.6f}, converged={second.converged}")

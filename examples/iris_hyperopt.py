@@ -80,6 +80,9 @@ def run_ho(data, args, seed, act, log=print):
         return F.cross_entropy(forward(w_, Xv, act), yv)
 
     if args.solver == "cg":
+        # A ReLU net after a few warm-started steps is not at a strict minimum: CG may meet
+        # negative curvature; it then stops at its last iterate (a truncated solve), which is
+        # what truncated-CG hyperparameter optimization wants, so no warning every iteration.
         solve = functools.partial(linalg.solve_cg, maxiter=args.terms, on_negative_curvature="ignore")
     else:
         solve = functools.partial(linalg.solve_neumann, iters=args.terms, alpha=args.alpha)

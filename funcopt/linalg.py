@@ -58,10 +58,12 @@ class SolveInfo(NamedTuple):
 
     Attributes:
         iterations: 0-dim int tensor, the number of iterations that changed the solution.
-        residual_norm: 0-dim tensor, ``||b - A x||`` as tracked by the solver (CG) or the norm
-            of the last series term (Neumann, times ``alpha``); ``nan`` where not tracked.
-        converged: 0-dim bool tensor; CG reached ``rtol``/``atol``; Neumann terms shrank.
-        negative_curvature: 0-dim bool tensor; CG met a direction with ``p^T A p <= 0``.
+        residual_norm: 0-dim tensor: ``||b - A x||`` as tracked by CG (of the normal equations
+            for normal CG), computed exactly by the dense solver, and for Neumann the norm of the
+            last series term times ``alpha`` (what the next term would add, roughly).
+        converged: 0-dim bool tensor; CG reached ``rtol``/``atol``; Neumann terms never grew.
+        negative_curvature: 0-dim bool tensor; CG met a direction with ``p^T A p <= 0``, or a
+            Neumann term grew (``alpha`` too large, or an indefinite matrix).
         nonfinite: 0-dim bool tensor; a matrix-vector product was ``nan`` or ``inf``.
         matvecs: number of matrix-vector products used (a Python int).
     """

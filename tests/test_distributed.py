@@ -94,6 +94,17 @@ def torch_loop(distributed):
     return {k: v.detach().clone() for k, v in module.named_parameters()}
 
 
+def save_sharded(ckpt_dir):
+    """A DTensor sharded over the 2 ranks (as FSDP2 holds params), saved shard by shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+    w = distribute_tensor(torch.arange(12.0).reshape(6, 2), mesh, [Shard(0)])
+    fd.save(ckpt_dir + "-sharded", {"w": w, "b": torch.ones(3)})
+    return tuple(w.to_local().shape)
+
+
 def worker(ckpt_dir):
     """The one multi-process job (each rank): data-parallel training with a DCP save midway, a
     2-rank restore that continues, and the checks that need a process group."""
@@ -122,6 +133,7 @@ def worker(ckpt_dir):
     return {
         "torch_loop": torch_loop(True),
         "sweep": run_sweep(True),
+        "local_shard": save_sharded(ckpt_dir),
         "world": world,
         "final": final,
         "resumed": resumed,
@@ -212,6 +224,13 @@ def test_checkpoint_from_two_ranks_restores_in_two_and_continues(two_rank_runs):
         assert r["step"] == 3
         assert torch.equal(r["per_rank"]["seed"], torch.tensor([100 + rank])) and r["per_rank"]["epoch"] == 7 + rank
         assert_trees_equal(r["resumed"], r["final"])
+
+
+def test_dtensor_shards_saved_by_two_ranks_load_as_one_tensor(two_rank_runs):
+    ckpt, first = two_rank_runs
+    assert [r["local_shard"] for r in first] == [(3, 2), (3, 2)]
+    out = fd.load(ckpt + "-sharded", {"w": torch.zeros(6, 2), "b": torch.zeros(3)})
+    assert torch.equal(out["w"], torch.arange(12.0).reshape(6, 2)) and torch.equal(out["b"], torch.ones(3))
 
 
 def test_load_errors_name_the_problem(two_rank_runs, tmp_path):

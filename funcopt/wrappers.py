@@ -18,10 +18,10 @@ tree: ``{"encoder": "frozen", "head": "adam"}`` labels every leaf under ``params
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any, Callable, NamedTuple
 
-import optree
 import torch
 
 from funcopt import tree as _tree
@@ -60,6 +60,61 @@ def _is_container(node: Any) -> bool:
     return node is None or isinstance(node, (dict, list, tuple))
 
 
+def _rebuild(node: Any, children: Any) -> Any:
+    """A container of ``node``'s type holding ``children`` (a dict or a list)."""
+    if isinstance(node, dict):
+        if type(node) is dict:
+            return children
+        try:
+            return type(node)(children)
+        except TypeError:  # e.g. defaultdict needs its factory
+            return dict(children)
+    if hasattr(node, "_fields"):
+        return type(node)(*children)
+    return type(node)(children)
+
+
+def _zip_map(fn: Callable[..., Any], tree: Any, *others: Any) -> Any:
+    """Applies ``fn(leaf, *matching)`` over the leaves of ``tree`` by structural recursion.
+
+    ``tree`` leads: its dicts, lists, tuples, NamedTuples and ``None`` are walked, and ``others``
+    are indexed the same way (they may hold anything at ``tree``'s leaf positions). Plain Python
+    recursion instead of optree, because dynamo cannot rebuild treespecs of trees of bools or
+    labels, nor reliably unflatten trees it built itself (funcopt wrappers must compile).
+    """
+    if tree is None:
+        return None
+    if isinstance(tree, dict):
+        return _rebuild(tree, {k: _zip_map(fn, tree[k], *(o[k] for o in others)) for k in tree})
+    if isinstance(tree, (list, tuple)):
+        return _rebuild(tree, [_zip_map(fn, c, *(o[i] for o in others)) for i, c in enumerate(tree)])
+    return fn(tree, *others)
+
+
+def _dict_keys(node: dict) -> list:
+    """Keys in optree's leaf order: sorted for dict/defaultdict when sortable, else insertion."""
+    if isinstance(node, OrderedDict):
+        return list(node)
+    try:
+        return sorted(node)
+    except TypeError:
+        return list(node)
+
+
+def _entries(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a tree of entries in optree's leaf order (that of ``tree.leaves``)."""
+    if tree is None:
+        return []
+    if isinstance(tree, dict):
+        return [e for k in _dict_keys(tree) for e in _entries(tree[k], f"{path}[{k!r}]")]
+    if isinstance(tree, (list, tuple)):
+        fields = getattr(tree, "_fields", None)
+        return [
+            e for i, c in enumerate(tree) for e in _entries(c, path + (f".{fields[i]}" if fields else f"[{i}]"))
+        ]
+    return [(path or "<root>", tree)]
+
+
 def _describe(node: Any) -> str:
     if isinstance(node, torch.Tensor):
         return f"a tensor of shape {tuple(node.shape)}"
@@ -82,7 +137,7 @@ def _expand(
     """
     where = path or "<root>"
     if is_entry(spec):
-        return optree.tree_map(lambda _: spec, target, none_is_leaf=False)
+        return _zip_map(lambda _: spec, target)
     if not _is_container(spec):
         raise FuncoptError(f"{what} at {where} is {spec!r} ({type(spec).__name__}); {entry_help}")
     if target is None:
@@ -104,8 +159,9 @@ def _expand(
                 f"{what} at {where} does not match the params' keys: missing {missing}, "
                 f"unexpected {extra}. Give one entry per key (or a single entry for the subtree)."
             )
-        out = {k: _expand(spec[k], target[k], f"{path}[{k!r}]", what, is_entry, entry_help) for k in target}
-        return type(target)(out) if type(target) is not dict else out
+        return _rebuild(
+            target, {k: _expand(spec[k], target[k], f"{path}[{k!r}]", what, is_entry, entry_help) for k in target}
+        )
     if isinstance(target, (list, tuple)):
         if not isinstance(spec, (list, tuple)) or len(spec) != len(target):
             raise FuncoptError(
@@ -117,9 +173,7 @@ def _expand(
             _expand(s, t, path + (f".{fields[i]}" if fields else f"[{i}]"), what, is_entry, entry_help)
             for i, (s, t) in enumerate(zip(spec, target))
         ]
-        if fields:
-            return type(target)(*children)
-        return type(target)(children)
+        return _rebuild(target, children)
     # target is a leaf (tensor) but spec is a container
     raise FuncoptError(
         f"{what} at {where} is {_describe(spec)} but the params hold {_describe(target)} there; "
@@ -145,62 +199,56 @@ _LABEL_HELP = (
 )
 
 
-def _resolve_mask(mask: MaskOrFn, tree: PyTree, what: str) -> list[bool]:
-    """The mask as a flat list of bools, one per leaf of ``tree`` in :func:`funcopt.tree.leaves` order."""
+def _resolve_mask(mask: MaskOrFn, tree: PyTree, what: str) -> PyTree:
+    """The mask as a tree of bools with the structure of ``tree`` (prefixes broadcast)."""
     spec = mask(tree) if callable(mask) else mask
     if isinstance(spec, torch.Tensor):
         raise FuncoptError(f"{what}: the mask is a tensor; {_MASK_HELP}")
-    return _tree.leaves(_expand(spec, tree, "", f"{what} mask", _is_bool, _MASK_HELP))
+    return _expand(spec, tree, "", f"{what} mask", _is_bool, _MASK_HELP)
 
 
-def _resolve_labels(labels: Any, tree: PyTree, known: Mapping[Hashable, Any], what: str) -> list[Hashable]:
-    """The labels as a flat list, one per leaf of ``tree``; unknown labels raise naming the path."""
+def _resolve_labels(labels: Any, tree: PyTree, known: Mapping[Hashable, Any], what: str) -> PyTree:
+    """The labels as a tree with the structure of ``tree``; unknown labels raise naming the path."""
     spec = labels(tree) if callable(labels) else labels
     full = _expand(spec, tree, "", f"{what} labels", _is_label, _LABEL_HELP)
-    flat = _tree.leaves(full)
-    if not all(lab in known for lab in flat):
-        # paths are computed only to report the error (optree accessors do not trace in dynamo)
-        unknown = [(p, lab) for p, lab in zip(_tree.paths(full), flat) if lab not in known]
+    unknown = [(p, lab) for p, lab in _entries(full) if lab not in known]
+    if unknown:
         shown = ", ".join(f"{p} -> {lab!r}" for p, lab in unknown[:5])
         more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
         raise FuncoptError(
             f"{what}: label(s) with no transformation: {shown}{more}. The transformations are "
             f"keyed by {sorted(map(repr, known))}; add the missing key(s) or fix the labels."
         )
-    return flat
+    return full
 
 
-def _select(tree: PyTree, keep: list[bool]) -> PyTree:
-    """Replaces the leaves of ``tree`` where ``keep`` is False by ``()`` (an empty node, no leaf).
+def _placeholder(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.new_empty((0,))
+    return torch.empty((0,))
 
-    ``()`` rather than ``None`` because ``torch.func.vmap`` rejects ``None`` in outputs, while an
-    empty tuple is a leafless node for both optree and ``torch.utils._pytree``. Masks travel as
-    flat lists: building a treespec of a tree of bools inside ``torch.compile`` is unsupported.
+
+def _select(tree: PyTree, keep: PyTree) -> PyTree:
+    """Replaces the leaves of ``tree`` where ``keep`` is False by empty tensors of shape ``(0,)``.
+
+    Empty tensors rather than ``None``/``()`` keep the tree's structure and leaf kinds unchanged
+    (``torch.func.vmap`` needs tensor outputs; ``torch.compile`` cannot take the treespec of a
+    dict it built whose leaves are not tensors) while costing no memory; elementwise blocks and
+    global norms treat them as nothing. Leaves are matched by position, never by leaf order
+    (dynamo's pytree polyfill may order dict keys differently from optree).
     """
-    if tree is None:
-        return None
-    flat, spec = optree.tree_flatten(tree, none_is_leaf=False)
-    if len(flat) != len(keep):
-        raise FuncoptError(
-            f"the tree has {len(flat)} leaves but the mask was resolved for {len(keep)}; pass "
-            "updates and params of the same structure."
-        )
-    return optree.tree_unflatten(spec, [x if k else () for x, k in zip(flat, keep)])
+    return _zip_map(lambda x, k: x if k else _placeholder(x), tree, keep)
 
 
-def _merge(full: PyTree, keep: list[bool], part: PyTree, what: str) -> PyTree:
-    """Puts the leaves of ``part`` (the selected leaves, in order) back into ``full``."""
-    flat_full, spec = optree.tree_flatten(full, none_is_leaf=False)
-    flat_keep = keep
-    flat_part = _tree.leaves(part)
-    if len(flat_part) != sum(flat_keep):
+def _merge(full: PyTree, keep: PyTree, part: PyTree, what: str) -> PyTree:
+    """Takes the selected leaves from ``part`` and the others from ``full`` (same structure)."""
+    try:
+        return _zip_map(lambda x, k, q: q if k else x, full, keep, part)
+    except (KeyError, IndexError, TypeError) as e:
         raise FuncoptError(
-            f"{what}: the inner transformation returned {len(flat_part)} updates for "
-            f"{sum(flat_keep)} selected leaves; it must keep the structure of its input."
-        )
-    it = iter(flat_part)
-    out = [next(it) if k else x for x, k in zip(flat_full, flat_keep)]
-    return optree.tree_unflatten(spec, out)
+            f"{what}: the inner transformation returned updates whose structure differs from its "
+            f"input ({type(e).__name__}: {e}); it must keep the structure of the updates."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,19 +270,19 @@ def set_to_zero() -> GradientTransformation:
 class MaskedState(NamedTuple):
     """State of :func:`masked`: the inner state, built on the selected leaves only.
 
-    Leaves that are not selected appear as ``()`` in ``inner_state`` (no memory is spent on
-    them).
+    Leaves that are not selected appear as empty tensors of shape ``(0,)`` in ``inner_state``
+    (no memory is spent on them, and the state keeps the params' tree structure).
     """
 
     inner_state: OptState
 
 
-def _masked_init(inner: GradientTransformation, keep: list[bool], params: PyTree) -> MaskedState:
+def _masked_init(inner: GradientTransformation, keep: PyTree, params: PyTree) -> MaskedState:
     return MaskedState(inner.init(_select(params, keep)))
 
 
 def _masked_update(
-    inner: GradientTransformation, keep: list[bool], updates, state, params, what: str, extra_args
+    inner: GradientTransformation, keep: PyTree, updates, state, params, what: str, extra_args
 ):
     check_state(state, MaskedState, what)
     sub_updates = _select(updates, keep)
@@ -341,12 +389,12 @@ def multi_transform(
             )
     transforms = dict(transforms)
 
-    def keeps(flat_labels):
-        return {lab: [x == lab for x in flat_labels] for lab in transforms}
+    def keeps(labels_tree):
+        return {lab: _zip_map(lambda x, lab=lab: x == lab, labels_tree) for lab in transforms}
 
     def init(params):
-        flat_labels = _resolve_labels(param_labels, params, transforms, "multi_transform")
-        masks = keeps(flat_labels)
+        labels_tree = _resolve_labels(param_labels, params, transforms, "multi_transform")
+        masks = keeps(labels_tree)
         return MultiTransformState(
             {lab: _masked_init(t, masks[lab], params) for lab, t in transforms.items()}
         )
@@ -358,17 +406,29 @@ def multi_transform(
                 f"multi_transform state has groups {sorted(map(repr, state.inner_states))} but the "
                 f"transformation has {sorted(map(repr, transforms))}; pass the state from its own init."
             )
-        flat_labels = _resolve_labels(
+        labels_tree = _resolve_labels(
             param_labels, params if params is not None else updates, transforms, "multi_transform"
         )
-        masks = keeps(flat_labels)
-        new_states = {}
+        # Every group reads the original updates (groups are disjoint); all results are put
+        # back in one structural pass where each leaf takes its own group's output.
+        masks = keeps(labels_tree)
+        outputs, new_states = [], {}
         for lab, t in transforms.items():
-            updates, new_states[lab] = _masked_update(
-                t, masks[lab], updates, state.inner_states[lab], params,
-                f"multi_transform group {lab!r}", extra_args,
-            )
-        return updates, MultiTransformState(new_states)
+            check_state(state.inner_states[lab], MaskedState, f"multi_transform group {lab!r}")
+            sub_updates = _select(updates, masks[lab])
+            sub_params = _select(params, masks[lab]) if params is not None else None
+            new_sub, inner_state = t.update(sub_updates, state.inner_states[lab].inner_state, sub_params, **extra_args)
+            outputs.append(new_sub)
+            new_states[lab] = MaskedState(inner_state)
+        index = {lab: i for i, lab in enumerate(transforms)}
+        try:
+            merged = _zip_map(lambda x, lab, *outs: outs[index[lab]], updates, labels_tree, *outputs)
+        except (KeyError, IndexError, TypeError) as e:
+            raise FuncoptError(
+                f"multi_transform: a group's transformation returned updates whose structure differs "
+                f"from its input ({type(e).__name__}: {e}); it must keep the structure of the updates."
+            ) from None
+        return merged, MultiTransformState(new_states)
 
     return GradientTransformation(init, update)
 

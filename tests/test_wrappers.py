@@ -49,8 +49,8 @@ def test_masked_applies_inner_to_selected_leaves_only(mask):
     state = tx.init(params)
     assert isinstance(state, MaskedState)
     adam_state = state.inner_state[0]
-    # memory only for the selected leaves: unselected positions are empty nodes
-    assert adam_state.mu["encoder"]["b"] == () and adam_state.mu["heads"][1][0] == ()
+    # memory only for the selected leaves: unselected positions hold empty tensors
+    assert adam_state.mu["encoder"]["b"].shape == (0,) and adam_state.mu["heads"][1][0].shape == (0,)
     assert adam_state.mu["encoder"]["w"].shape == (3, 4)
     grads = _grads(params)
     updates, state = tx.update(grads, state, params)
@@ -326,3 +326,51 @@ def test_accumulate_argument_errors():
         accumulate("adam", 2)
     with pytest.raises(funcopt.FuncoptError, match="AccumulateState"):
         accumulate(funcopt.sgd(0.1), 2).update({"w": torch.zeros(1)}, ())
+
+
+# ---------------------------------------------------------------------------------------------
+# under vmap and torch.compile
+
+
+def _composite():
+    groups = multi_transform(
+        {"enc": funcopt.sgd(0.1, momentum=0.9), "heads": funcopt.adam(1e-2)}, {"encoder": "enc", "heads": "heads"}
+    )
+    return apply_if_finite(accumulate(funcopt.chain(groups, freeze({"encoder": {"w": False, "b": True}, "heads": False})), 2), 3)
+
+
+def test_composite_wrappers_under_vmap_equal_a_loop():
+    members = [nested_params(seed=s) for s in range(3)]
+    grads = [[_grads(m, seed=10 * s + i) for i in range(4)] for s, m in enumerate(members)]
+    tx = _composite()
+
+    expected = []
+    for m, gs in zip(members, grads):
+        state = tx.init(m)
+        for g in gs:
+            u, state = tx.update(g, state, m)
+            m = funcopt.apply_updates(m, u)
+        expected.append(m)
+
+    stacked = tree.stack(members)
+    state = torch.func.vmap(tx.init)(stacked)
+    step = torch.func.vmap(tx.update)
+    for i in range(4):
+        u, state = step(tree.stack([gs[i] for gs in grads]), state, stacked)
+        stacked = funcopt.apply_updates(stacked, u)
+    for j in range(3):
+        assert_trees_close(tree.unstack(stacked)[j], expected[j], rtol=1e-12, atol=1e-14, msg=f"member {j}")
+
+
+@pytest.mark.slow
+def test_composite_wrappers_compile_fullgraph():
+    params = nested_params()
+    tx = _composite()
+    compiled = torch.compile(tx.update, fullgraph=True)
+    s_eager = s_comp = tx.init(params)
+    for i in range(2):  # one accumulating call, one updating call
+        g = _grads(params, seed=i)
+        u_eager, s_eager = tx.update(g, s_eager, params)
+        u_comp, s_comp = compiled(g, s_comp, params)
+        assert_trees_close(u_comp, u_eager, rtol=1e-12, atol=1e-14)
+    assert_trees_close(s_comp, s_eager, rtol=1e-12, atol=1e-14)

@@ -393,8 +393,9 @@ def checkpoint_info(path: str | os.PathLike, group: Any = None) -> dict[str, Any
 
 def _check_against(meta_paths: Sequence[str], meta_tensors: dict, meta_scalars: dict, like: PyTree, prefix: str, what: str) -> None:
     tensors, scalars, paths = _flatten(like, prefix)
-    missing = [p for p in paths if p not in set(meta_paths)]
-    extra = [p for p in meta_paths if p not in set(paths)]
+    saved, here_paths = set(meta_paths), set(paths)
+    missing = [p for p in paths if p not in saved]
+    extra = [p for p in meta_paths if p not in here_paths]
     if missing or extra:
         raise FuncoptError(
             f"funcopt.distributed.load: the template {what} does not match the checkpoint: leaves "

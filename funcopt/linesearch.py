@@ -52,6 +52,8 @@ LINESEARCH_STATUS = {
     1: "success after replacing a non-descent direction by the negative gradient",
     2: "conditions not met within the evaluation budget; took the lowest sufficient-decrease step",
     3: "no decrease found along the direction; took a zero step (params unchanged)",
+    4: "success with the approximate sufficient decrease of Hager & Zhang (zoom only): the loss "
+    "changed at rounding level, the slope conditions hold",
 }
 """Meaning of ``state.status`` of both line searches (0-dim int64 tensor)."""
 
@@ -359,6 +361,7 @@ def scale_by_zoom_linesearch(
     c2: float = 0.9,
     initial_guess_strategy: str = "one",
     max_step_size: float = 1e10,
+    approx_dec_rtol: float | None = None,
 ) -> GradientTransformation:
     """Scales the direction by a step satisfying the strong Wolfe conditions, like
     ``optax.scale_by_zoom_linesearch`` (and torch.optim.LBFGS's ``strong_wolfe``).
@@ -368,6 +371,9 @@ def scale_by_zoom_linesearch(
     phase of Nocedal & Wright's Algorithms 3.5 and 3.6, with safeguarded cubic interpolation
     (trial points kept at least 10% of the bracket away from its ends). A trial point with a
     non-finite value or slope counts as "too far" and shrinks the bracket.
+
+    Steps accepted by the exact test have ``state.status`` 0; steps accepted only through the
+    approximate decrease test (``approx_dec_rtol``) have status 4.
 
     Fallbacks (recorded in ``state.status``, see :data:`LINESEARCH_STATUS`): a direction with
     ``<g, d> >= 0`` is replaced by ``-g``; after ``max_linesearch_steps`` evaluations without a
@@ -381,12 +387,21 @@ def scale_by_zoom_linesearch(
         initial_guess_strategy: ``"one"`` starts each search at ``a = 1`` (right for
             quasi-Newton directions); ``"keep"`` starts at the previously accepted step.
         max_step_size: upper bound on ``a`` during bracketing.
+        approx_dec_rtol: relative rounding slack ``eps_f`` on loss values. A trial point also
+            counts as sufficiently decreasing if ``f(x + a d) <= f(x) + eps_f |f(x)|`` and
+            ``<g(x + a d), d> <= (2 c1 - 1) <g, d>`` (Hager & Zhang's approximate Wolfe
+            condition), and loss differences below the slack do not order bracket ends. Near
+            the optimum, where the decrease falls below the rounding error of ``f``, this lets
+            the search keep following the slope instead of stalling. ``None`` means 100 times
+            the machine epsilon of the params' dtype; ``0`` gives the exact strong Wolfe test.
 
     ``update(updates, state, params, *, value_fn | value_and_grad_fn, value=None, grad=None)``:
     ``value``/``grad`` at ``params`` are evaluated (one evaluation) when not given.
 
     References: Nocedal & Wright, "Numerical Optimization", 2nd ed., 2006, Sec. 3.5 (Alg. 3.5,
-    3.6); Moré & Thuente, "Line search algorithms with guaranteed sufficient decrease", 1994.
+    3.6); Moré & Thuente, "Line search algorithms with guaranteed sufficient decrease", 1994;
+    Hager & Zhang, "A new conjugate gradient method with guaranteed descent and an efficient
+    line search", SIAM J. Optim., 2005 (approximate Wolfe conditions).
     """
     _check_common(max_linesearch_steps, c1, "max_linesearch_steps")
     if not (isinstance(c2, (int, float)) and c1 < c2 < 1.0):
@@ -397,6 +412,8 @@ def scale_by_zoom_linesearch(
         )
     if not (isinstance(max_step_size, (int, float)) and max_step_size > 0):
         raise FuncoptError(f"max_step_size must be > 0, got {max_step_size!r}.")
+    if approx_dec_rtol is not None and not (isinstance(approx_dec_rtol, (int, float)) and approx_dec_rtol >= 0):
+        raise FuncoptError(f"approx_dec_rtol must be a number >= 0 or None, got {approx_dec_rtol!r}.")
     name = "scale_by_zoom_linesearch"
     cls = ScaleByZoomLinesearchState
 
@@ -418,6 +435,19 @@ def scale_by_zoom_linesearch(
         if initial_guess_strategy == "keep" and int(state.count) > 0:
             a = float(state.step_size) or 1.0
         a = min(a, max_step_size)
+        rtol = 100 * torch.finfo(state.value.dtype).eps if approx_dec_rtol is None else approx_dec_rtol
+        slack = rtol * abs(f0)
+
+        def decreased(a: float, fa: float, da: float) -> bool:
+            """Sufficient decrease, or its approximate form when f changes at rounding level."""
+            if fa <= f0 + c1 * a * slope:
+                return True
+            return fa <= f0 + slack and da <= (2 * c1 - 1) * slope
+
+        def worse(fa: float, f_ref: float) -> bool:
+            """Higher than a bracket end; differences within rounding slack do not count."""
+            return fa > f_ref + slack if slack > 0 else fa >= f_ref
+
         prev = (0.0, f0, slope, value0, grad0)  # (a, f, slope, value tensor, grad)
         lo = hi = None
         trials = 0
@@ -426,11 +456,11 @@ def scale_by_zoom_linesearch(
             fa, da, v, g = _phi(evaluate, params, d, a)
             trials += 1
             cur = (a, fa, da, v, g)
-            if fa > f0 + c1 * a * slope or (prev[0] > 0 and fa >= prev[1]):
+            if not decreased(a, fa, da) or (prev[0] > 0 and worse(fa, prev[1])):
                 lo, hi = prev, cur
                 break
             if abs(da) <= -c2 * slope:
-                return _finish(cls, state, d, a, v, g, evals + trials, ok)
+                return _finish(cls, state, d, a, v, g, evals + trials, ok if fa <= f0 + c1 * a * slope else 4)
             if da >= 0:
                 lo, hi = cur, prev
                 break
@@ -456,11 +486,11 @@ def scale_by_zoom_linesearch(
             fa, da, v, g = _phi(evaluate, params, d, a)
             trials += 1
             cur = (a, fa, da, v, g)
-            if fa > f0 + c1 * a * slope or fa >= lo[1]:
+            if not decreased(a, fa, da) or worse(fa, lo[1]):
                 hi = cur
                 continue
             if abs(da) <= -c2 * slope:
-                return _finish(cls, state, d, a, v, g, evals + trials, ok)
+                return _finish(cls, state, d, a, v, g, evals + trials, ok if fa <= f0 + c1 * a * slope else 4)
             if da * (hi[0] - lo[0]) >= 0:
                 hi = lo
             lo = cur

@@ -235,6 +235,7 @@ def test_errors_are_clear():
         (lambda: scale_by_zoom_linesearch(c1=0.5, c2=0.4), "c2"),
         (lambda: scale_by_zoom_linesearch(initial_guess_strategy="two"), "initial_guess_strategy"),
         (lambda: scale_by_zoom_linesearch(max_step_size=0.0), "max_step_size"),
+        (lambda: scale_by_zoom_linesearch(approx_dec_rtol=-1.0), "approx_dec_rtol"),
         (lambda: scale_by_backtracking_linesearch(decrease_factor=1.0), "decrease_factor"),
         (lambda: scale_by_backtracking_linesearch(max_backtracking_steps=2.5), "max_backtracking_steps"),
         (lambda: scale_by_backtracking_linesearch(initial_step_size=-1.0), "initial_step_size"),

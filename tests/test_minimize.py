@@ -163,7 +163,7 @@ def test_stops_and_reports_when_budgets_run_out():
 
 
 def test_no_decrease_stops_instead_of_looping():
-    """With tol=0 the run ends when rounding hides any further decrease of the loss."""
+    """With tol=0 the run ends when rounding hides any further decrease of loss and slope."""
     g = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=F64))
     a = (q * torch.logspace(0, 3, 20, dtype=F64)) @ q.T
@@ -174,8 +174,27 @@ def test_no_decrease_stops_instead_of_looping():
 
     res = minimize(loss, {"x": torch.zeros(20, dtype=F64)}, max_steps=10_000, tol=0.0)
     assert not res.converged and "no decrease" in res.message
-    assert res.num_steps < 1000
+    assert res.num_steps < 1000 and res.grad_norm < 1e-10
     torch.testing.assert_close(res.params["x"], torch.linalg.solve(a, b), rtol=0, atol=1e-5)
+
+
+def test_approximate_wolfe_reaches_tolerances_below_the_loss_rounding():
+    """0.5 x'Ax - b'x resolves f only to ~1e-13: the exact test stalls, the default does not."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=F64))
+    a = (q * torch.logspace(0, 3, 20, dtype=F64)) @ q.T
+    b = torch.randn(20, generator=g, dtype=F64)
+
+    def loss(p):
+        return 0.5 * p["x"] @ (a @ p["x"]) - b @ p["x"]
+
+    start = {"x": torch.zeros(20, dtype=F64)}
+    exact = lbfgs(linesearch=funcopt.scale_by_zoom_linesearch(approx_dec_rtol=0.0))
+    stalled = minimize(loss, start, exact, max_steps=2000, tol=1e-8)
+    assert not stalled.converged and "no decrease" in stalled.message and stalled.grad_norm > 1e-8
+    res = minimize(loss, start, lbfgs(), max_steps=2000, tol=1e-8)
+    assert res.converged, res.message
+    torch.testing.assert_close(res.params["x"], torch.linalg.solve(a, b), rtol=0, atol=1e-8)
 
 
 def test_any_transformation_works_as_the_method():

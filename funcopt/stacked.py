@@ -94,6 +94,8 @@ def _to_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _from_rows(y: Any, like: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
     """The stacked-layout value of ``y`` (the update's output for ``like``), None if impossible."""
+    if y is rows:
+        return like  # passed through unchanged (e.g. a hyperparameter that is not scheduled)
     if not isinstance(y, torch.Tensor):
         return None
     k = like.shape[0]

@@ -32,7 +32,7 @@ import torch
 from funcopt import fused as _fused
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
-from funcopt.inject import _find_states, set_hyperparams
+from funcopt.inject import _find_states, inject_hyperparams, set_hyperparams
 
 __all__ = ["FuncoptOptimizer", "as_torch_optimizer", "state_to_plain", "state_from_plain"]
 
@@ -572,7 +572,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def as_torch_optimizer(tx: GradientTransformation, params_or_module: Any) -> FuncoptOptimizer:
+def as_torch_optimizer(
+    tx: GradientTransformation | Callable[..., GradientTransformation],
+    params_or_module: Any,
+    **hyperparams: Any,
+) -> FuncoptOptimizer:
     """Wraps a funcopt transformation as a ``torch.optim.Optimizer``, like
     ``torch.optim.Adam(model.parameters())`` but with any funcopt ``tx``.
 
@@ -583,10 +587,15 @@ def as_torch_optimizer(tx: GradientTransformation, params_or_module: Any) -> Fun
 
     Args:
         tx: any ``GradientTransformation`` (chains, schedules, masks, ``funcopt.lbfgs()`` driven
-            by ``step(closure)``).
+            by ``step(closure)``), or an optimizer factory such as ``funcopt.adamw``: then
+            ``inject_hyperparams(tx)(**hyperparams)`` is used, so that every float
+            hyperparameter shows in ``param_groups`` (``as_torch_optimizer(funcopt.adamw,
+            model, learning_rate=1e-3, weight_decay=1e-2)``, like ``torch.optim.AdamW(
+            model.parameters(), lr=1e-3, weight_decay=1e-2)``).
         params_or_module: an ``nn.Module`` (its trainable parameters, as a dict keyed by their
             names, form the params pytree the transformation sees), a dict or other pytree of
             parameters, or an iterable of them (a list).
+        **hyperparams: the factory's arguments (only with a factory).
 
     Returns:
         A :class:`FuncoptOptimizer` with one param group. Parameters whose ``.grad`` is ``None``
@@ -609,4 +618,17 @@ def as_torch_optimizer(tx: GradientTransformation, params_or_module: Any) -> Fun
         >>> opt = funcopt.as_torch_optimizer(tx, model)
         >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
     """
+    if isinstance(tx, torch.optim.Optimizer) or (isinstance(tx, type) and issubclass(tx, torch.optim.Optimizer)):
+        raise TypeError(
+            "as_torch_optimizer wraps a funcopt GradientTransformation (funcopt.adam(1e-3)) or a "
+            "funcopt factory (funcopt.adam), not a torch.optim optimizer, which can be used directly."
+        )
+    if not isinstance(tx, GradientTransformation) and callable(tx):
+        tx = inject_hyperparams(tx)(**hyperparams)
+    elif hyperparams:
+        raise FuncoptError(
+            f"as_torch_optimizer got hyperparameters {sorted(hyperparams)} with an already built "
+            "transformation; pass them to its factory instead (funcopt.adam(1e-3)), or pass the "
+            "factory itself: as_torch_optimizer(funcopt.adam, model, learning_rate=1e-3)."
+        )
     return FuncoptOptimizer(tx, params_or_module)

@@ -146,6 +146,18 @@ def test_steplr_drives_injected_learning_rate_like_torch_sgd():
     assert_trees_close(params_of(ours), params, rtol=1e-12, atol=1e-14)
 
 
+def test_factory_with_torch_style_arguments_is_injected():
+    module, _, _, (X, Y) = mlp_problem()
+    ours, theirs = copy.deepcopy(module), copy.deepcopy(module)
+    opt = as_torch_optimizer(funcopt.adamw, ours, learning_rate=1e-2, weight_decay=0.1)
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["weight_decay"] == 0.1
+    torch_run(opt, ours, X, Y)
+    torch_run(torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=0.1), theirs, X, Y)
+    assert_trees_close(params_of(ours), params_of(theirs), rtol=1e-10, atol=1e-12)
+    with pytest.raises(funcopt.FuncoptError, match="pass the factory itself"):
+        as_torch_optimizer(funcopt.adam(1e-3), module, learning_rate=1e-3)
+
+
 def test_onecyclelr_cycles_lr_and_betas_like_torch_adam():
     module, _, _, (X, Y) = mlp_problem()
     ours, theirs = copy.deepcopy(module), copy.deepcopy(module)
@@ -343,6 +355,8 @@ def test_accepts_module_dict_list_and_generator():
 def test_bad_input_errors():
     module, _, _, (X, Y) = mlp_problem()
     with pytest.raises(TypeError, match="GradientTransformation"):
+        as_torch_optimizer("adam", module)
+    with pytest.raises(TypeError, match="not a torch.optim optimizer"):
         as_torch_optimizer(torch.optim.Adam, module)
     with pytest.raises(funcopt.FuncoptError, match="param groups.*mask"):
         as_torch_optimizer(funcopt.adam(1e-3), [{"params": list(module.parameters()), "lr": 0.1}])

@@ -408,3 +408,22 @@ def test_sweep_does_not_modify_inputs():
     before = tree.map(torch.clone, p0)
     S.sweep(loss_fn, p0, funcopt.adam, {"learning_rate": [0.1, 0.2]}, batches, steps=2, progress=False)
     assert_trees_close(p0, before, rtol=0, atol=0)
+
+
+def test_scalar_eval_progress_bar_and_dropout_randomness(capfd):
+    _, init, loss_fn, batches, accuracy = _problem()
+    res = S.sweep(loss_fn, init(0), funcopt.sgd, {"learning_rate": [0.01, 0.1]}, batches, steps=2,
+                  eval_fn=lambda p: accuracy(p)["full_loss"], progress=True)
+    assert res.metric == "eval" and res.evals["eval"].shape == (2, 1)
+    assert "sweep" in capfd.readouterr().err  # tqdm writes to stderr
+
+    def dropout_loss(p, batch):
+        x, y = batch
+        h = torch.nn.functional.dropout(torch.tanh(x @ p["0.weight"].T + p["0.bias"]), 0.5, training=True)
+        return torch.nn.functional.cross_entropy(h @ p["2.weight"].T + p["2.bias"], y)
+
+    with pytest.raises(RuntimeError, match="randomness"):
+        S.sweep(dropout_loss, init(0), funcopt.sgd, {"learning_rate": [0.01, 0.1]}, batches, steps=1, progress=False)
+    res = S.sweep(dropout_loss, init(0), funcopt.sgd, {"learning_rate": [0.1, 0.1]}, batches, steps=1,
+                  randomness="different", progress=False)
+    assert not torch.equal(res.loss[0], res.loss[1])  # independent dropout masks per configuration

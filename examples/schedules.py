@@ -2,7 +2,7 @@
 
 Run:
     python examples/schedules.py            # 1000 steps, writes docs/img/schedules.png
-    python examples/schedules.py --fast     # 200 steps, writes ./schedules.png
+    python examples/schedules.py --fast     # 120 steps, writes ./schedules.png
     python examples/schedules.py --out DIR  # writes DIR/schedules.png
 
 For each schedule the script runs torch's scheduler the usual way (``optimizer.step()`` then
@@ -147,10 +147,10 @@ def one_cycle_adam_digits(steps, samples=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="200 steps, write into the current directory")
+    parser.add_argument("--fast", action="store_true", help="120 steps, write into the current directory")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="directory for schedules.png")
     args = parser.parse_args()
-    n = 200 if args.fast else 1000
+    n = 120 if args.fast else 1000
     if args.out is not None:
         out = args.out
     elif args.fast:
@@ -170,8 +170,8 @@ def main():
     plot(rows, n, path)
     print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
 
-    steps = 30 if args.fast else 300
-    loss, diff, hparams = one_cycle_adam_digits(steps, samples=400 if args.fast else None)
+    steps = 20 if args.fast else 300
+    loss, diff, hparams = one_cycle_adam_digits(steps, samples=200 if args.fast else None)
     print(
         f"1cycle Adam on digits, {steps} steps: final loss {loss:.4f}, max |param - torch| {diff:.1e}, "
         f"last lr {hparams['learning_rate'].item():.2e}, last b1 {hparams['b1'].item():.3f}"

@@ -297,3 +297,23 @@ def test_shard_and_argument_errors():
         fd.all_reduce({"w": torch.ones(1)}, op="avg")
     with pytest.raises(funcopt.FuncoptError, match="world_size must be a positive int"):
         fd.launch(print, 0)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun(tmp_path):
+    """The documented launch command: torchrun --nproc-per-node 2 examples/distributed_train.py."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(fd._free_port()), str(root / "examples" / "distributed_train.py"),
+           "--fast", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ranks 2" in proc.stdout
+    assert "restored in 1 process a checkpoint saved by 2 rank(s)" in proc.stdout
+    assert fd.checkpoint_info(tmp_path / "distributed_ckpt")["world_size"] == 2

@@ -142,13 +142,15 @@ class _Columns(NamedTuple):
     device: torch.device
 
 
-def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns | None:
+def _columns(lists: list[list[torch.Tensor]], check_overlap: bool, grad_checked: int) -> _Columns | None:
     """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype.
 
     Every tensor must be a plain dense contiguous float32/float64 tensor not requiring grad,
     with the dtype, shape and device of its leaf in the first list. With ``check_overlap``
     (when the kernels write into these buffers) no two may start at the same address (tied
-    weights, one state tensor used twice).
+    weights, one state tensor used twice). ``requires_grad`` is checked in the first
+    ``grad_checked`` lists only (a donating caller has checked the others). The checks run as
+    list comprehensions: this is the per-step overhead of the fast path.
     """
     first = lists[0]
     n = len(first)
@@ -157,32 +159,34 @@ def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns |
     t0 = first[0]
     if type(t0) not in _PLAIN_TYPES or t0.device.type not in ("cpu", "cuda"):
         return None
-    device, index = t0.device, t0.get_device()
-    plain, strided, floats = _PLAIN_TYPES, torch.strided, _FLOAT_DTYPES
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, ref in enumerate(first):
-        if type(ref) not in plain or ref.dtype not in floats:
-            return None
-        by_dtype.setdefault(ref.dtype, []).append(i)
-    for column in lists:
-        if len(column) != n:
-            return None
-        for t, ref in zip(column, first):
+    plain = _PLAIN_TYPES
+    dtypes = [t.dtype for t in first]
+    shapes = [t.shape for t in first]
+    devices = [t0.get_device()] * n
+    try:
+        for k, column in enumerate(lists):
             if (
-                type(t) not in plain
-                or t.requires_grad
-                or t.layout is not strided
-                or t.dtype is not ref.dtype
-                or t.shape != ref.shape
-                or not t.is_contiguous()
-                or t.get_device() != index
+                len(column) != n
+                or any([type(t) not in plain for t in column])
+                or [t.dtype for t in column] != dtypes
+                or [t.shape for t in column] != shapes
+                or [t.get_device() for t in column] != devices
+                or not all([t.is_contiguous() for t in column])  # raises for sparse layouts
+                or ((k < grad_checked) and any([t.requires_grad for t in column]))
             ):
                 return None
+    except (AttributeError, RuntimeError):  # not tensors, or layouts without strides
+        return None
     if check_overlap:
-        pointers = [t.data_ptr() for column in lists for t in column if t.numel()]
+        pointers = [t.data_ptr() for column in lists for t in column]
         if len(set(pointers)) != len(pointers):
             return None
-    return _Columns(list(by_dtype.values()), device)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, dtype in enumerate(dtypes):
+        if dtype not in _FLOAT_DTYPES:
+            return None
+        groups.setdefault(dtype, []).append(i)
+    return _Columns(list(groups.values()), t0.device)
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
@@ -512,7 +516,8 @@ class _FastPath:
             if p_spec != spec:
                 return None
         lists = [g] + ([p] if p is not None else []) + [b for b in buffers.values() if b is not None]
-        columns = _columns(lists, check_overlap=donate)
+        # A donating caller (funcopt.train_step) has checked requires_grad on params and state.
+        columns = _columns(lists, check_overlap=donate, grad_checked=1 if donate else len(lists))
         if columns is None:
             return None
         for c in counts.values():

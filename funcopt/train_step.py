@@ -69,18 +69,20 @@ def _check_not_donated(tree: PyTree, name: str) -> None:
 
 def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -> bool:
     """Raises for a donated leaf; returns whether every tensor may be donated."""
-    ok = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    marked = [_MARK in x.__dict__ for x in tensors]
+    if any(marked):
+        leaf = tensors[marked.index(True)]
+        i = next(j for j, x in enumerate(leaves) if x is leaf)
+        _raise_donated(*((params, leaf, "params") if i < n_params else (opt_state, leaf, "opt_state")))
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
     plain = (torch.Tensor, torch.nn.Parameter)
-    for i, leaf in enumerate(leaves):
-        if type(leaf) not in plain:
-            if isinstance(leaf, torch.Tensor):
-                ok = False
-            continue
-        if getattr(leaf, _MARK, False):
-            _raise_donated(*((params, leaf, "params") if i < n_params else (opt_state, leaf, "opt_state")))
-        if leaf.requires_grad or leaf.is_inference():
-            ok = False
-    return ok
+    return not (
+        any([type(x) not in plain for x in tensors])
+        or any([x.requires_grad for x in tensors])
+        or any([x.is_inference() for x in tensors])
+    )
 
 
 def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:

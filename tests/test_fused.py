@@ -234,3 +234,13 @@ def test_configure_cpu_allocator_in_a_subprocess():
     assert out.stdout.strip() in ("True", "False")
     if sys.platform.startswith("linux"):
         assert out.stdout.strip() == "True"
+
+
+def test_sparse_or_mismatched_gradients_are_not_taken_by_the_fast_path():
+    params = {"w": torch.randn(4, 3)}
+    tx = funcopt.sgd(0.1, momentum=0.9)
+    state = tx.init(params)
+    assert not fused.fast_path_applies(tx, {"w": torch.randn(4, 3).to_sparse()}, state, params)
+    assert not fused.fast_path_applies(tx, {"w": torch.randn(3, 4)}, state, params)
+    assert not fused.fast_path_applies(tx, {"w": torch.randn(4, 3, dtype=torch.float64)}, state, params)
+    assert fused.fast_path_applies(tx, {"w": torch.randn(4, 3)}, state, params)

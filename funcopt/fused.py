@@ -21,8 +21,8 @@ where it is valid, and the reference path runs otherwise:
 - not while ``torch.compile`` traces (the reference path compiles with ``fullgraph=True``) and
   not under functorch transforms (``vmap``, ``grad``, ``jvp``, ``vjp``, ``jacrev``...);
 - every tensor (params, updates, state) a plain dense contiguous ``torch.Tensor`` of dtype
-  float32 or float64 (mixed is fine) on a single device, none requiring grad, no two state or
-  param buffers sharing memory;
+  float32 or float64 (mixed is fine) on one CPU or CUDA device, none requiring grad (and,
+  when donating, no two buffers starting at the same address, e.g. tied weights);
 - every hyperparameter a Python number or an unbatched 0-dim tensor not requiring grad (as
   ``inject_hyperparams`` passes them; they are read with ``float()``); no ``mask``;
 - the state has the layout this optimizer's ``init`` builds.

@@ -655,8 +655,10 @@ def launch(
         timeout_s: the process group's timeout; a rank stuck longer fails the launch.
         start_method: ``"forkserver"`` (default: a server process imports torch once and forks
             the ranks from it), ``"spawn"`` (fresh interpreters, slowest, most isolated) or
-            ``"fork"`` (fastest; each rank uses one intra-op thread; not with CUDA initialized
-            in the parent).
+            ``"fork"`` (fastest; not with CUDA initialized in the parent).
+
+    Each rank runs with one intra-op thread (``torch.set_num_threads(1)``, as torchrun's
+    ``OMP_NUM_THREADS=1`` default), so the ranks do not oversubscribe the CPU cores.
     """
     import queue as _queue
 

@@ -615,6 +615,8 @@ def _entry(rank: int, world_size: int, port: int, backend: str, timeout_s: float
     )
     try:
         torch.set_num_threads(1)
+        if backend == "nccl" and torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())  # one GPU per rank
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
         )

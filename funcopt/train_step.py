@@ -10,10 +10,14 @@ instead of allocating fresh tensors (on CPU, fresh large tensors cost page fault
 
 Donation rules:
 
-- After a donating call, the ``params`` and ``opt_state`` you passed are *invalid*: each of
-  their tensors is emptied (``tensor.set_()``, shape ``(0,)``) and marked, so reading one
+- After a donating call, the ``params`` and ``opt_state`` you passed are *invalid*. Each
+  params tensor is emptied (``tensor.set_()``, shape ``(0,)``) and marked, so reading one
   fails loudly or gives an empty result, and passing one to a donating step again raises
-  :class:`DonatedValueError` naming its path. Always rebind:
+  :class:`DonatedValueError` naming its path. State tensors the step replaced (the step
+  count) are emptied and marked the same way, so passing an old ``opt_state`` again raises
+  too; state buffers updated in place (Adam's moments, momentum) are handed on to the new
+  state unchanged as objects, so an old ``opt_state`` may alias the new one (emptying them
+  would cost more than the step's other overhead). Always rebind:
   ``params, opt_state, loss = step(params, opt_state, x, y)``.
 - To keep a copy (e.g. the best params so far), clone it before the call:
   ``best = funcopt.tree.map(torch.clone, params)``.
@@ -106,15 +110,27 @@ def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
     return params
 
 
-def _release(old_leaves: list[Any], new: tuple[PyTree, ...]) -> tuple[PyTree, ...]:
-    """Gives the outputs fresh tensor objects and invalidates the donated inputs."""
-    old = {id(x): x for x in old_leaves if isinstance(x, torch.Tensor)}
-    leaves, spec = optree.tree_flatten(new, none_is_leaf=False)
-    fresh = optree.tree_unflatten(spec, [x.detach() if id(x) in old else x for x in leaves])
-    for t in old.values():
+def _release(
+    param_leaves: list[Any], state_leaves: list[Any], new_params: PyTree, new_state: OptState
+) -> tuple[PyTree, OptState]:
+    """Invalidates the donated inputs; returns the outputs with fresh tensor objects for params.
+
+    Every donated params tensor is emptied and marked, and the new params get fresh tensor
+    objects (aliases of the reused memory). A donated state tensor is emptied and marked when
+    the new state does not reuse it (e.g. the old step count); state buffers updated in place
+    are handed on as they are (emptying them is the per-leaf cost this avoids), so an old
+    ``opt_state`` may alias the new one, and passing it again is caught by its emptied count.
+    """
+    old_params = {id(x): x for x in param_leaves if isinstance(x, torch.Tensor)}
+    leaves, spec = optree.tree_flatten(new_params, none_is_leaf=False)
+    fresh_params = optree.tree_unflatten(spec, [x.detach() if id(x) in old_params else x for x in leaves])
+    kept = {id(x) for x in optree.tree_leaves(new_state, none_is_leaf=False)}
+    dead = list(old_params.values())
+    dead += [x for x in state_leaves if isinstance(x, torch.Tensor) and id(x) not in kept and id(x) not in old_params]
+    for t in dead:
         t.set_()
         t.__dict__[_MARK] = True
-    return fresh
+    return fresh_params, new_state
 
 
 def apply_gradients(
@@ -152,7 +168,8 @@ def apply_gradients(
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
     param_leaves = _tree.leaves(params)
-    leaves = param_leaves + _tree.leaves(opt_state)
+    state_leaves = _tree.leaves(opt_state)
+    leaves = param_leaves + state_leaves
     donatable = _scan(params, opt_state, leaves, len(param_leaves))
     if not donate or not donatable:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
@@ -165,7 +182,7 @@ def apply_gradients(
         if new_params is None:
             new_params = apply_updates(params, updates)
         result = (new_params, new_state)
-    return _release(leaves, result)
+    return _release(param_leaves, state_leaves, *result)
 
 
 def make_step(

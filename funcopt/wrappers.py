@@ -453,10 +453,19 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def _all_finite(tree: PyTree) -> torch.Tensor:
-    flags = [torch.isfinite(x).all() for x in _tree.leaves(tree)]
-    if not flags:
+    """True when no leaf holds NaN or Inf, as a 0-dim bool tensor.
+
+    ``(x * 0).sum()`` is 0 when ``x`` is finite and NaN as soon as one element is NaN or Inf
+    (no overflow is possible), in two passes where ``isfinite(x).all()`` takes about five.
+    """
+    flat = _tree.leaves(tree)
+    if not flat:
         return torch.ones((), dtype=torch.bool)
-    return torch.stack(flags).all()
+    total = None
+    for x in flat:
+        term = (x * 0).sum()
+        total = term if total is None else total + term
+    return total == 0
 
 
 def _tree_select(cond: torch.Tensor, new: PyTree, old: PyTree, what: str) -> PyTree:
@@ -512,7 +521,7 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         total = torch.where(finite, state.total_notfinite, state.total_notfinite + 1)
         apply = finite | (notfinite_count > max_consecutive_errors)
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        out = _tree.map(lambda u: torch.where(apply, u, torch.zeros_like(u)), new_updates)
+        out = _tree.map(lambda u: torch.where(apply, u, 0.0), new_updates)
         inner_state = _tree_select(apply, new_inner, state.inner_state, "apply_if_finite")
         return out, ApplyIfFiniteState(notfinite_count, finite, total, inner_state)
 
@@ -571,9 +580,9 @@ def accumulate(inner: GradientTransformation, every_k: int, *, average: bool = T
         emit = state.mini_step == every_k - 1
         grads = _tree.map(lambda a: a / every_k, acc) if average else acc
         new_updates, new_inner = inner.update(grads, state.inner_state, params, **extra_args)
-        out = _tree.map(lambda u: torch.where(emit, u, torch.zeros_like(u)), new_updates)
+        out = _tree.map(lambda u: torch.where(emit, u, 0.0), new_updates)
         inner_state = _tree_select(emit, new_inner, state.inner_state, "accumulate")
-        acc = _tree.map(lambda a: torch.where(emit, torch.zeros_like(a), a), acc)
+        acc = _tree.map(lambda a: torch.where(emit, 0.0, a), acc)
         mini_step = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)
         return out, AccumulateState(mini_step, state.gradient_step + emit.to(state.gradient_step.dtype), inner_state, acc)
 

@@ -2,10 +2,11 @@
 
 Every row runs in this one process on its own copy of the same parameters, interleaved
 (one step of every row per round), on ``--threads`` threads; the first rounds are warm-up and
-the table shows medians of the rest, as a ratio to ``torch.optim.<Opt>(fused=True)`` measured
-in the same rounds (and the ratio of the fastest rounds, steadier on a loaded machine). The memory bandwidth is measured in the same run (``torch.add(a, b,
-out=c)`` on 64 MB fp32 buffers), and each row's "bound" column is the bandwidth bound's time
-(bytes the step must move / bandwidth) divided by the row's time.
+the table shows medians of the rest as a ratio to ``torch.optim.<Opt>(fused=True)`` measured
+in the same rounds, and the ratio of the fastest rounds (steadier on a loaded machine). The
+memory bandwidth is measured in the same rounds by a probe (``torch.add(a, b, out=c)`` on
+64 MB fp32 buffers); each row's "bound" column is the bandwidth bound's time (bytes the step
+must move / bandwidth) divided by the row's time.
 
 Shapes: S1 = ResNet-18's 62 parameter tensors (11.7M elements), S2 = one 16M-element tensor,
 S3 = an Iris MLP 4-1024-1024-3 (1.06M elements). All fp32.
@@ -53,23 +54,12 @@ SIZES = {
 BYTES_PER_ELEMENT = {"adam": 28, "sgd_momentum": 20}  # fp32: adam reads p,g,m,v writes p,m,v
 
 
-def measure_bandwidth(rounds: int) -> float:
-    """Bytes per second of ``torch.add(a, b, out=c)`` on 64 MB buffers (reads 2, writes 1)."""
-    n = 1 << 24
-    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
-    times = []
-    for _ in range(rounds + 3):
-        t = time.perf_counter()
-        torch.add(a, b, out=c)
-        times.append(time.perf_counter() - t)
-    return 3 * 4 * n / statistics.median(times[3:])
-
-
 class Row:
     """One implementation: ``step()`` runs one optimizer step on its own tensors."""
 
     def __init__(self, name: str, step: Callable[[], None]):
         self.name, self.step, self.times = name, step, []
+        self.bytes = 0
 
 
 def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> list[Row]:
@@ -146,24 +136,41 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
     return rows
 
 
-def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool, bandwidth: float) -> str:
+def bandwidth_probe() -> Row:
+    """A row timing ``torch.add(a, b, out=c)`` on 64 MB fp32 buffers (12 bytes per element)."""
+    n = 1 << 24
+    a, b, c = torch.randn(n), torch.randn(n), torch.empty(n)
+    row = Row("bandwidth probe", lambda: torch.add(a, b, out=c))
+    row.bytes = 12 * n
+    return row
+
+
+def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool) -> str:
     shapes = SIZES[size]
     numel = sum(torch.Size(s).numel() for s in shapes)
     inner = 5 if numel < 4_000_000 else 1
+    probe = bandwidth_probe()
     rows = make_rows(which, shapes, compile_row)
     for r in range(warmup + rounds):
+        t = time.perf_counter()
+        probe.step()
+        if r >= warmup:
+            probe.times.append(time.perf_counter() - t)
         for row in rows:
             t = time.perf_counter()
             for _ in range(inner):
                 row.step()
             if r >= warmup:
                 row.times.append((time.perf_counter() - t) / inner)
+    bandwidth = probe.bytes / statistics.median(probe.times)
     medians = {row.name: statistics.median(row.times) for row in rows}
     minima = {row.name: min(row.times) for row in rows}
     ref, ref_min = medians["torch.optim fused"], minima["torch.optim fused"]
     bound = BYTES_PER_ELEMENT[which] * numel / bandwidth
     lines = [
         f"### {which}, {size} ({numel / 1e6:.2f}M elements in {len(shapes)} tensors)",
+        "",
+        f"Memory bandwidth in these rounds: {bandwidth / 1e9:.1f} GB/s (median of the probe).",
         "",
         "| implementation | median ms | ratio to torch fused | ratio of minima | fraction of bandwidth bound |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -192,13 +199,10 @@ def main() -> None:
     rounds = args.rounds or (6 if args.quick else 25)
     warmup = 2 if args.quick else 3
     compile_row = not (args.quick or args.no_compile)
-    bandwidth = measure_bandwidth(rounds)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up")
-    print(f"memory bandwidth (torch.add out=, 64 MB fp32): {bandwidth / 1e9:.1f} GB/s\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up\n")
     for which in args.optimizers.split(","):
         for size in args.sizes.split(","):
-            print(run(which, size, rounds, warmup, compile_row, bandwidth), flush=True)
-    print(f"memory bandwidth at the end: {measure_bandwidth(rounds) / 1e9:.1f} GB/s")
+            print(run(which, size, rounds, warmup, compile_row), flush=True)
 
 
 if __name__ == "__main__":

@@ -374,3 +374,25 @@ def test_composite_wrappers_compile_fullgraph():
         u_comp, s_comp = compiled(g, s_comp, params)
         assert_trees_close(u_comp, u_eager, rtol=1e-12, atol=1e-14)
     assert_trees_close(s_comp, s_eager, rtol=1e-12, atol=1e-14)
+
+
+def test_masked_without_params_uses_the_updates_for_a_callable_mask():
+    params = nested_params()
+    tx = masked(funcopt.sgd(0.1), lambda t: tree.map(lambda x: x.dim() >= 2, t))
+    grads = _grads(params)
+    updates, _ = tx.update(grads, tx.init(params))
+    torch.testing.assert_close(updates["encoder"]["w"], -0.1 * grads["encoder"]["w"], rtol=0, atol=0)
+    assert torch.equal(updates["encoder"]["b"], grads["encoder"]["b"])
+
+
+def test_set_hyperparams_reaches_groups_of_multi_transform():
+    params = nested_params()
+    inj = funcopt.inject_hyperparams(funcopt.sgd)
+    tx = multi_transform({"a": inj(learning_rate=0.1), "b": inj(learning_rate=0.2)}, {"encoder": "a", "heads": "b"})
+    state = funcopt.set_hyperparams(tx.init(params), learning_rate=0.05)
+    grads = _grads(params)
+    updates, state = tx.update(grads, state, params)
+    for got, g in zip(tree.leaves(updates), tree.leaves(grads)):
+        torch.testing.assert_close(got, -0.05 * g, rtol=1e-15, atol=0)
+    lrs = [s.inner_state.hyperparams["learning_rate"].item() for s in state.inner_states.values()]
+    assert lrs == [0.05, 0.05]

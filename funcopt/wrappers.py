@@ -79,8 +79,9 @@ def _zip_map(fn: Callable[..., Any], tree: Any, *others: Any) -> Any:
 
     ``tree`` leads: its dicts, lists, tuples, NamedTuples and ``None`` are walked, and ``others``
     are indexed the same way (they may hold anything at ``tree``'s leaf positions). Plain Python
-    recursion instead of optree, because dynamo cannot rebuild treespecs of trees of bools or
-    labels, nor reliably unflatten trees it built itself (funcopt wrappers must compile).
+    recursion instead of optree: under ``torch.compile`` dynamo cannot take the treespec of a
+    tree of bools or labels built in the graph, and its pytree polyfill does not promise
+    optree's dict-key order, so leaves are matched by position, never by leaf order.
     """
     if tree is None:
         return None
@@ -102,7 +103,7 @@ def _dict_keys(node: dict) -> list:
 
 
 def _entries(tree: Any, path: str = "") -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs of a tree of entries in optree's leaf order (that of ``tree.leaves``)."""
+    """``(path, leaf)`` pairs of a tree of entries, in optree's order (used for error messages)."""
     if tree is None:
         return []
     if isinstance(tree, dict):

@@ -507,6 +507,8 @@ def one_cycle(
     anneal = _check_one_cycle(total_steps, pct_start, anneal_strategy)
     for name, v in (("max_value", max_value), ("div_factor", div_factor), ("final_div_factor", final_div_factor)):
         _check_value(name, v)
+        if name != "max_value" and _is_number(v) and v <= 0:
+            raise FuncoptError(f"{name} must be > 0, got {v!r}.")
     initial = max_value / div_factor
     minimum = initial / final_div_factor
     if three_phase:

@@ -270,6 +270,7 @@ def test_tensor_hyperparameters_are_accepted():
         (lambda: S.one_cycle(100, 1.0, pct_start=1.5), "pct_start"),
         (lambda: S.one_cycle(100, 1.0, anneal_strategy="cosine"), "anneal_strategy"),
         (lambda: S.one_cycle_momentum(0), "total_steps must be >= 1"),
+        (lambda: S.one_cycle(100, 1.0, div_factor=0.0), "div_factor must be > 0"),
         (lambda: S.warmup_cosine_decay(0.0, 1.0, 10, 10), "decay_steps must be >= 11"),
     ],
 )

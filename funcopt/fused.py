@@ -66,6 +66,7 @@ FAST_PATH_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "lion")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_SET = frozenset(_PLAIN_TYPES)
 _MAIN_STATES: dict[str, tuple[type, ...]] = {
     "sgd": (TraceState,),
     "adam": (ScaleByAdamState,),
@@ -142,15 +143,14 @@ class _Columns(NamedTuple):
     device: torch.device
 
 
-def _columns(lists: list[list[torch.Tensor]], check_overlap: bool, grad_checked: int) -> _Columns | None:
+def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns | None:
     """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype.
 
     Every tensor must be a plain dense contiguous float32/float64 tensor not requiring grad,
     with the dtype, shape and device of its leaf in the first list. With ``check_overlap``
     (when the kernels write into these buffers) no two may start at the same address (tied
-    weights, one state tensor used twice). ``requires_grad`` is checked in the first
-    ``grad_checked`` lists only (a donating caller has checked the others). The checks run as
-    list comprehensions: this is the per-step overhead of the fast path.
+    weights, one state tensor used twice). This is the fast path's per-step overhead, so
+    each list is checked with one comprehension compared against the first list's.
     """
     first = lists[0]
     n = len(first)
@@ -159,30 +159,24 @@ def _columns(lists: list[list[torch.Tensor]], check_overlap: bool, grad_checked:
     t0 = first[0]
     if type(t0) not in _PLAIN_TYPES or t0.device.type not in ("cpu", "cuda"):
         return None
-    plain = _PLAIN_TYPES
-    dtypes = [t.dtype for t in first]
-    shapes = [t.shape for t in first]
-    devices = [t0.get_device()] * n
     try:
-        for k, column in enumerate(lists):
-            if (
-                len(column) != n
-                or any([type(t) not in plain for t in column])
-                or [t.dtype for t in column] != dtypes
-                or [t.shape for t in column] != shapes
-                or [t.get_device() for t in column] != devices
-                or not all([t.is_contiguous() for t in column])  # raises for sparse layouts
-                or ((k < grad_checked) and any([t.requires_grad for t in column]))
-            ):
+        if not {type(t) for column in lists for t in column} <= _PLAIN_SET:
+            return None
+        reference = [(t.dtype, t.shape, t.get_device(), True, False) for t in first]
+        for column in lists:
+            # is_contiguous raises for sparse layouts (caught below)
+            if len(column) != n or reference != [
+                (t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in column
+            ]:
                 return None
-    except (AttributeError, RuntimeError):  # not tensors, or layouts without strides
+    except (AttributeError, RuntimeError):
         return None
     if check_overlap:
         pointers = [t.data_ptr() for column in lists for t in column]
         if len(set(pointers)) != len(pointers):
             return None
     groups: dict[torch.dtype, list[int]] = {}
-    for i, dtype in enumerate(dtypes):
+    for i, (dtype, *_) in enumerate(reference):
         if dtype not in _FLOAT_DTYPES:
             return None
         groups.setdefault(dtype, []).append(i)
@@ -516,8 +510,7 @@ class _FastPath:
             if p_spec != spec:
                 return None
         lists = [g] + ([p] if p is not None else []) + [b for b in buffers.values() if b is not None]
-        # A donating caller (funcopt.train_step) has checked requires_grad on params and state.
-        columns = _columns(lists, check_overlap=donate, grad_checked=1 if donate else len(lists))
+        columns = _columns(lists, check_overlap=donate)
         if columns is None:
             return None
         for c in counts.values():

@@ -72,7 +72,11 @@ def _check_not_donated(tree: PyTree, name: str) -> None:
 
 
 def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -> bool:
-    """Raises for a donated leaf; returns whether every tensor may be donated."""
+    """Raises for a donated leaf; returns whether the params may be updated in place.
+
+    State buffers are checked where they are written in place (``funcopt.fused`` checks its
+    buffers; the generic path writes only into the params).
+    """
     tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
     marked = [_MARK in x.__dict__ for x in tensors]
     if any(marked):
@@ -82,9 +86,10 @@ def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     plain = (torch.Tensor, torch.nn.Parameter)
+    param_tensors = tensors[: sum(isinstance(x, torch.Tensor) for x in leaves[:n_params])]
     return not (
         any([type(x) not in plain for x in tensors])
-        or any([x.requires_grad for x in tensors])
+        or any([x.requires_grad for x in param_tensors])
         or any([x.is_inference() for x in tensors])
     )
 
@@ -178,6 +183,8 @@ def apply_gradients(
     result = fast.donated_update(grads, opt_state, params) if fast is not None else None
     if result is None:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
+        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in state_leaves):
+            return apply_updates(params, updates), new_state  # nothing donated
         new_params = _add_in_place(params, updates)
         if new_params is None:
             new_params = apply_updates(params, updates)

@@ -545,7 +545,7 @@ class _FastPath:
             step = _one(plan.columns.device)  # only read, and unused with lr_decay=0
         first = False
         if TraceState in plan.counts:
-            first = bool(plan.counts[TraceState] == 0)
+            first = int(plan.counts[TraceState]) == 0
 
         for idx in plan.columns.groups:
             g = _pick(plan.g, idx)

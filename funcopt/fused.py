@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import operator
 import threading
 from typing import Any, Callable, NamedTuple
 from collections.abc import Iterator
@@ -395,6 +396,7 @@ class _FastPath:
         # Python-number hyperparameters are read once; tensors are read at every step.
         static = not any(isinstance(v, torch.Tensor) for v in arguments.values())
         self._static_h = self._hyperparams() if static else None
+        self._memo: _Memo | None = None
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -616,18 +618,107 @@ class _FastPath:
                 return optree.tree_unflatten(plan.spec, out), new_state
         return self.reference.update(updates, state, params, **extra_args)
 
-    def donated_update(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
+    def donated_update(
+        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None
+    ) -> tuple[PyTree, Any] | None:
         """One step writing into ``params`` and the state buffers; returns (new params, new state).
 
-        Returns None (and writes nothing) where the fast path does not apply.
+        Returns None (and writes nothing) where the fast path does not apply. The checks of a
+        step whose params and state are the ones the previous donated step returned are
+        remembered (:class:`_Memo`), so only the gradients are checked again.
         """
         if not self.usable():
             return None
-        plan = self.plan(grads, state, params, donate=True)
+        memo = self._memo
+        plan = self._replan(grads, state, params, flat_params)
         if plan is None:
-            return None
+            memo = self._memo = None
+            plan = self.plan(grads, state, params, donate=True)
+            if plan is None:
+                return None
         out, new_state = self.run(plan, state, donate=True)
+        if memo is not None:  # same buffers as last time: only the state object is new
+            self._memo = memo._replace(state=new_state)
+        else:
+            self._memo = _Memo(
+                new_state,
+                plan._replace(g=[], p=None, counts={}),
+                [t.data_ptr() for t in out],
+                [(t.dtype, t.shape, t.get_device(), True, False) for t in out],
+                frozenset(t.data_ptr() for b in plan.buffers.values() if b is not None for t in b)
+                | frozenset(t.data_ptr() for t in out),
+            )
         return optree.tree_unflatten(plan.spec, out), new_state
+
+    def _replan(
+        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None
+    ) -> _Plan | None:
+        """The plan of the previous donated step, reused when ``state`` is the state it returned
+        and ``params`` live in the same memory; None otherwise."""
+        memo = getattr(self, "_memo", None)
+        if memo is None or state is not memo.state or self._static_h is None:
+            return None
+        old = memo.plan
+        lr = self._learning_rate(state, old.positions)
+        if lr is None:
+            return None
+        p, p_spec = _flatten(params) if flat_params is None else flat_params
+        if p_spec != old.spec or [t.data_ptr() for t in p] != memo.pointers:
+            return None
+        g, g_spec = _flatten(grads)
+        written = memo.written
+        try:
+            if (
+                g_spec != old.spec
+                or [(t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in p]
+                != memo.reference
+                or not set(map(type, g)) <= _PLAIN_SET
+                or [(t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in g]
+                != memo.reference
+                or True in [t.data_ptr() in written for t in g]
+            ):
+                return None
+        except (AttributeError, RuntimeError):
+            return None
+        # The state tuple is the one returned last time; check its containers still hold the
+        # same buffers (a dict inside it could have been edited).
+        for name, leaves in old.buffers.items():
+            if leaves is not None:
+                current = _flatten(_buffer_tree(self.kind, name, state, old.positions))[0]
+                if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
+                    return None
+        counts = {k: state[old.positions[k]].count for k in _COUNTED if k in old.positions}
+        return old._replace(lr=lr, p=p, g=g, counts=counts)
+
+
+class _Memo(NamedTuple):
+    """What a donated step checked, kept for the next step (see ``_FastPath._replan``).
+
+    It holds the state that step returned (so the state's memory stays alive until the next
+    donated step of this optimizer or until the optimizer is dropped).
+    """
+
+    state: tuple
+    plan: _Plan
+    pointers: list[int]
+    reference: list[tuple]
+    written: frozenset[int]
+
+
+_COUNTED = (ScaleByAdamState, TraceState, ScaleByLionState, "schedule")
+
+
+def _buffer_tree(kind: str, name: str, state: tuple, positions: dict[Any, int]) -> Any:
+    """The subtree of the chain state holding the buffer ``name`` (as ``plan`` reads it)."""
+    if name == "buf":
+        return state[positions[TraceState]].momentum_buffer
+    if name == "acc":
+        return state[positions[ScaleByRssState]].sum_of_squares
+    if kind in ("adam", "adamw"):
+        return getattr(state[positions[ScaleByAdamState]], name)
+    if kind == "rmsprop":
+        return getattr(state[positions[ScaleByRmsState]], name)
+    return state[positions[ScaleByLionState]].mu
 
 
 def _absent(x: Any) -> bool:

@@ -71,27 +71,30 @@ def _check_not_donated(tree: PyTree, name: str) -> None:
             _raise_donated(tree, leaf, name)
 
 
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
 def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -> bool:
     """Raises for a donated leaf; returns whether the params may be updated in place.
 
     State buffers are checked where they are written in place (``funcopt.fused`` checks its
     buffers; the generic path writes only into the params).
     """
-    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    types = set(map(type, leaves))
+    if not types <= _PLAIN:  # numbers or tensor subclasses among the leaves
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        plain = all(type(x) in _PLAIN for x in tensors)
+        param_tensors = [x for x in leaves[:n_params] if isinstance(x, torch.Tensor)]
+    else:
+        tensors, plain, param_tensors = leaves, True, leaves[:n_params]
     marked = [_MARK in x.__dict__ for x in tensors]
-    if any(marked):
+    if True in marked:
         leaf = tensors[marked.index(True)]
         i = next(j for j, x in enumerate(leaves) if x is leaf)
         _raise_donated(*((params, leaf, "params") if i < n_params else (opt_state, leaf, "opt_state")))
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if not plain or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
-    plain = (torch.Tensor, torch.nn.Parameter)
-    param_tensors = tensors[: sum(isinstance(x, torch.Tensor) for x in leaves[:n_params])]
-    return not (
-        any([type(x) not in plain for x in tensors])
-        or any([x.requires_grad for x in param_tensors])
-        or any([x.is_inference() for x in tensors])
-    )
+    return not (True in [x.requires_grad for x in param_tensors] or True in [x.is_inference() for x in tensors])
 
 
 def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
@@ -126,12 +129,13 @@ def _release(
     are handed on as they are (emptying them is the per-leaf cost this avoids), so an old
     ``opt_state`` may alias the new one, and passing it again is caught by its emptied count.
     """
-    old_params = {id(x): x for x in param_leaves if isinstance(x, torch.Tensor)}
+    old_params = set(map(id, param_leaves))
     leaves, spec = optree.tree_flatten(new_params, none_is_leaf=False)
     fresh_params = optree.tree_unflatten(spec, [x.detach() if id(x) in old_params else x for x in leaves])
-    kept = {id(x) for x in optree.tree_leaves(new_state, none_is_leaf=False)}
-    dead = list(old_params.values())
-    dead += [x for x in state_leaves if isinstance(x, torch.Tensor) and id(x) not in kept and id(x) not in old_params]
+    kept = set(map(id, optree.tree_leaves(new_state, none_is_leaf=False)))
+    kept |= old_params
+    dead = [x for x in param_leaves if type(x) in _PLAIN]
+    dead += [x for x in state_leaves if id(x) not in kept and type(x) in _PLAIN]
     for t in dead:
         t.set_()
         t.__dict__[_MARK] = True
@@ -172,7 +176,7 @@ def apply_gradients(
             f"apply_gradients expects a GradientTransformation as tx, got {type(tx).__name__}. "
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
-    param_leaves = _tree.leaves(params)
+    param_leaves, param_spec = optree.tree_flatten(params, none_is_leaf=False)
     state_leaves = _tree.leaves(opt_state)
     leaves = param_leaves + state_leaves
     donatable = _scan(params, opt_state, leaves, len(param_leaves))
@@ -180,7 +184,7 @@ def apply_gradients(
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
     fast = _fused._fast_path_of(tx)
-    result = fast.donated_update(grads, opt_state, params) if fast is not None else None
+    result = fast.donated_update(grads, opt_state, params, (param_leaves, param_spec)) if fast is not None else None
     if result is None:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         if any(isinstance(x, torch.Tensor) and x.requires_grad for x in state_leaves):

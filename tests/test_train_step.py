@@ -173,3 +173,32 @@ def test_type_errors_name_the_argument():
         make_step(3, funcopt.adam())
     with pytest.raises(TypeError, match="GradientTransformation as tx"):
         apply_gradients(funcopt.sgd, {}, (), {})
+
+
+def test_donated_steps_recheck_replaced_params_and_edited_state():
+    """Later donated steps reuse the first step's checks only for the very buffers it returned."""
+    _, params, loss_fn, _ = mlp_problem(torch.float64)
+    tx = funcopt.adam(1e-2)
+    grads = torch.func.grad(loss_fn)(params)
+
+    def pure(p, s):
+        u, s = tx.update(grads, s, p)
+        return funcopt.apply_updates(p, u), s
+
+    p, s = apply_gradients(tx, grads, tx.init(params), _clone(params), donate=True)
+    p, s = apply_gradients(tx, grads, s, p, donate=True)  # same buffers: remembered checks
+    # new params in new memory with the remembered state
+    fresh = tree.map(lambda x: x.clone() * 0.5, p)
+    expected = pure(_clone(fresh), tree.map(torch.clone, s))
+    p, s = apply_gradients(tx, grads, s, fresh, donate=True)
+    assert_trees_close((p, s), expected, rtol=1e-12, atol=1e-14)
+    # a state whose moment dict was edited in place by the user
+    s[0].mu["0.bias"] = s[0].mu["0.bias"].clone() + 1.0
+    expected = pure(_clone(p), tree.map(torch.clone, s))
+    p, s = apply_gradients(tx, grads, s, p, donate=True)
+    assert_trees_close((p, s), expected, rtol=1e-12, atol=1e-14)
+    # gradients of another dtype, or aliasing a written buffer, are not taken by the remembered plan
+    fast = tx.update._funcopt_fast_path
+    assert fast._replan(grads, s, p) is not None
+    assert fast._replan(tree.map(lambda x: x.float(), grads), s, p) is None
+    assert fast._replan(s[0].nu, s, p) is None

@@ -202,3 +202,25 @@ def test_donated_steps_recheck_replaced_params_and_edited_state():
     assert fast._replan(grads, s, p) is not None
     assert fast._replan(tree.map(lambda x: x.float(), grads), s, p) is None
     assert fast._replan(s[0].nu, s, p) is None
+
+
+def test_step_gradients_equal_torch_func_including_aux_and_unused_params():
+    _, params, loss_fn, (X, Y) = mlp_problem(torch.float64)
+    params = dict(params, unused=torch.ones(2, dtype=torch.float64))
+    tx = funcopt.sgd(0.1)
+
+    def with_aux(p, x, y):
+        loss = loss_fn({k: v for k, v in p.items() if k != "unused"}, x, y)
+        return loss, {"twice": 2 * loss}
+
+    grads, (loss, aux) = torch.func.grad_and_value(with_aux, has_aux=True)(params, X, Y)
+    expected = funcopt.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+    p, _, got_loss, got_aux = make_step(with_aux, tx, has_aux=True, donate=False)(params, tx.init(params), X, Y)
+    assert_trees_close(p, expected, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_loss, loss)
+    torch.testing.assert_close(got_aux["twice"], aux["twice"])
+    assert not got_loss.requires_grad and not got_aux["twice"].requires_grad
+    assert torch.equal(p["unused"], params["unused"])
+    # a loss that does not depend on the params gives zero gradients, as torch.func does
+    p, _, _ = make_step(lambda p: torch.tensor(1.0), tx, donate=False)(params, tx.init(params))
+    assert_trees_equal(p, params)

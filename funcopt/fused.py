@@ -571,6 +571,9 @@ class _FastPath:
                 )
             else:
                 res, bufs["mu"] = _lion_kernel(h, lr, p, g, bufs["mu"], donate)
+            if len(idx) == n:  # one dtype group: the lists are already in leaf order
+                out, new_buffers = list(res), bufs
+                break
             for j, i in enumerate(idx):
                 out[i] = res[j]
                 for k, v in bufs.items():
@@ -618,6 +621,22 @@ class _FastPath:
                 return optree.tree_unflatten(plan.spec, out), new_state
         return self.reference.update(updates, state, params, **extra_args)
 
+    def returned(self, state: Any) -> bool:
+        """Whether ``state`` is the state this optimizer's last donated step returned."""
+        memo = self._memo
+        return memo is not None and state is memo.state
+
+    def donated_update_flat(
+        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any]
+    ) -> tuple[list[torch.Tensor], Any, list[torch.Tensor]] | None:
+        """:meth:`donated_update` returning (params leaves written in place, new state, the old
+        state's tensors the new state no longer holds), or None where it does not apply."""
+        result = self._donated(grads, state, params, flat_params)
+        if result is None:
+            return None
+        out, new_state, plan = result
+        return out, new_state, list(plan.counts.values())
+
     def donated_update(
         self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None
     ) -> tuple[PyTree, Any] | None:
@@ -627,6 +646,15 @@ class _FastPath:
         step whose params and state are the ones the previous donated step returned are
         remembered (:class:`_Memo`), so only the gradients are checked again.
         """
+        result = self._donated(grads, state, params, flat_params)
+        if result is None:
+            return None
+        out, new_state, plan = result
+        return optree.tree_unflatten(plan.spec, out), new_state
+
+    def _donated(
+        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None
+    ) -> tuple[list[torch.Tensor], Any, _Plan] | None:
         if not self.usable():
             return None
         memo = self._memo
@@ -648,7 +676,7 @@ class _FastPath:
                 frozenset(t.data_ptr() for b in plan.buffers.values() if b is not None for t in b)
                 | frozenset(t.data_ptr() for t in out),
             )
-        return optree.tree_unflatten(plan.spec, out), new_state
+        return out, new_state, plan
 
     def _replan(
         self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None

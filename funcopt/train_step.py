@@ -142,6 +142,17 @@ def _release(
     return fresh_params, new_state
 
 
+def _invalidate(param_leaves: list[Any], replaced: list[Any], out: list[Any], spec: Any) -> PyTree:
+    """``_release`` for the fast path: ``out`` are the params buffers written in place and
+    ``replaced`` the old state tensors the new state does not hold (its step counts)."""
+    fresh = optree.tree_unflatten(spec, [x.detach() for x in out])
+    for t in param_leaves + replaced:
+        if type(t) in _PLAIN:
+            t.set_()
+            t.__dict__[_MARK] = True
+    return fresh
+
+
 def apply_gradients(
     tx: GradientTransformation,
     grads: PyTree,
@@ -177,13 +188,21 @@ def apply_gradients(
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
     param_leaves, param_spec = optree.tree_flatten(params, none_is_leaf=False)
+    fast = _fused._fast_path_of(tx)
+    if donate and fast is not None and fast.returned(opt_state):
+        # The state this optimizer's previous donated step returned: none of it is donated
+        # yet, so only the params need scanning.
+        if _scan(params, None, param_leaves, len(param_leaves)):
+            result = fast.donated_update_flat(grads, opt_state, params, (param_leaves, param_spec))
+            if result is not None:
+                out, new_state, replaced = result
+                return _invalidate(param_leaves, replaced, out, param_spec), new_state
     state_leaves = _tree.leaves(opt_state)
     leaves = param_leaves + state_leaves
     donatable = _scan(params, opt_state, leaves, len(param_leaves))
     if not donate or not donatable:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
-    fast = _fused._fast_path_of(tx)
     result = fast.donated_update(grads, opt_state, params, (param_leaves, param_spec)) if fast is not None else None
     if result is None:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)

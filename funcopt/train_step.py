@@ -28,6 +28,11 @@ Donation rules:
   stay untouched (``donate=False`` asks for that always).
 
 Plain ``tx.update`` never donates and never writes into its arguments.
+
+The optimizer object keeps a reference to the state its last donated step returned, so that
+the next step, given that state, can skip re-checking the same buffers (only the gradients
+and the params' memory are checked again); that state's memory lives until the next donated
+step or until the optimizer is dropped.
 """
 
 from __future__ import annotations

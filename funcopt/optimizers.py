@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+
 from funcopt import fused as _fused
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, chain
 from funcopt.transforms import (
@@ -240,7 +242,7 @@ def adagrad(
 
         def lr(count):
             value = base(count) if callable(base) else base
-            return value / (1 + count * lr_decay)
+            return value / (1 + count.to(torch.float64) * lr_decay)
 
     return _build(
         _sign(maximize),

@@ -129,6 +129,14 @@ def _float_step(count: torch.Tensor) -> torch.Tensor:
     return (count + 1).to(torch.float64)
 
 
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Any) -> torch.Tensor:
+    """``torch.lerp`` whose tensor weight is cast to the leaf dtype (a batched float64
+    hyperparameter under ``vmap`` next to float32 params would otherwise be rejected)."""
+    if isinstance(weight, torch.Tensor) and weight.dtype != start.dtype:
+        weight = weight.to(start.dtype)
+    return torch.lerp(start, end, weight)
+
+
 def _scalar_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
@@ -217,8 +225,8 @@ def _adam_init(params: PyTree, amsgrad: bool = False) -> ScaleByAdamState:
 
 
 def _moments(updates, state, b1, b2):
-    mu = _tree.map(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
-    nu = _tree.map(lambda v, g: torch.lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
+    mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+    nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
     return mu, nu
 
 
@@ -291,7 +299,7 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdamaxState, "scale_by_adamax")
         step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: torch.lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
         nu = _tree.map(lambda u, g: torch.maximum(u * b2, torch.abs(g) + eps), state.nu, updates)
         bc1 = 1 - b1**step
         direction = _tree.map(lambda m, u: (m / bc1) / u, mu, nu)
@@ -411,8 +419,8 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByLionState, "scale_by_lion")
-        direction = _tree.map(lambda m, g: torch.sign(torch.lerp(m, g, 1 - b1)), state.mu, updates)
-        mu = _tree.map(lambda m, g: torch.lerp(m, g, 1 - b2), state.mu, updates)
+        direction = _tree.map(lambda m, g: torch.sign(_lerp(m, g, 1 - b1)), state.mu, updates)
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b2), state.mu, updates)
         return direction, ScaleByLionState(state.count + 1, mu)
 
     return GradientTransformation(init, update)
@@ -442,9 +450,9 @@ def scale_by_rms(
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByRmsState, "scale_by_rms")
-        nu = _tree.map(lambda v, g: torch.lerp(v, g * g, 1 - decay), state.nu, updates, names=("nu", "updates"))
+        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - decay), state.nu, updates, names=("nu", "updates"))
         if centered:
-            mu = _tree.map(lambda m, g: torch.lerp(m, g, 1 - decay), state.mu, updates)
+            mu = _tree.map(lambda m, g: _lerp(m, g, 1 - decay), state.mu, updates)
             out = _tree.map(lambda g, v, m: g / (torch.sqrt(v - m * m) + eps), updates, nu, mu)
         else:
             mu = ()

@@ -812,7 +812,7 @@ def configure_cpu_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int =
     Like setting ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` before starting Python.
     By default glibc serves every block above 32 MB with a fresh ``mmap``, whose pages fault
     on first touch: a pure optimizer step on one 16M-element tensor then spends most of its
-    time in page faults (see ``docs/performance.md``). Raising both thresholds keeps those
+    time in page faults (see the README section "Performance: the fast path and donation"). Raising both thresholds keeps those
     blocks in the heap so the next step reuses them. The price: freed memory stays with the
     process (its resident size does not shrink). Process-wide and opt-in; funcopt never calls
     it by itself.

@@ -6,7 +6,7 @@ With ``donate=True`` (the default) the caller *gives up* the ``params`` and ``op
 passes in, as with ``jax.jit(..., donate_argnums=...)``: the step may reuse their memory for
 the results, which lets it update everything in place with torch's fused multi-tensor kernels
 instead of allocating fresh tensors (on CPU, fresh large tensors cost page faults; see
-``docs/performance.md``).
+the README section "Performance: the fast path and donation").
 
 Donation rules:
 

@@ -431,7 +431,7 @@ class _FastPath:
                 value = value(count)
             if self.kind == "adagrad" and not _is_python_zero(args["lr_decay"]):
                 # The same expression as funcopt.optimizers.adagrad, so the numbers agree.
-                value = value / (1 + count * args["lr_decay"])
+                value = torch.div(torch.as_tensor(value, dtype=torch.float64), 1 + count.to(torch.float64) * args["lr_decay"])
         return _scalar(value)
 
     def plan(self, grads: PyTree, state: Any, params: PyTree | None, donate: bool) -> _Plan | None:

@@ -242,7 +242,9 @@ def adagrad(
 
         def lr(count):
             value = base(count) if callable(base) else base
-            return value / (1 + count.to(torch.float64) * lr_decay)
+            # true division, as torch's Python-double lr / (1 + (step - 1) * lr_decay) (float / tensor
+            # would compute reciprocal * float and differ in the last bit)
+            return torch.div(torch.as_tensor(value, dtype=torch.float64), 1 + count.to(torch.float64) * lr_decay)
 
     return _build(
         _sign(maximize),

@@ -50,12 +50,6 @@ def _train(tx, params, loss_fn, steps):
 
 
 def _reference(name, factory, kwargs):
-    if name == "adagrad_lr_decay":
-        # funcopt.adagrad(lr_decay=<float>) computes `count * lr_decay` in the default dtype
-        # (float32); injected, lr_decay is a float64 tensor, as torch's Python-double
-        # `lr / (1 + (step - 1) * lr_decay)`. Compare with that float64 formula.
-        lr, decay = torch.tensor(kwargs["learning_rate"], dtype=torch.float64), kwargs["lr_decay"]
-        return factory(**{**kwargs, "lr_decay": 0.0, "learning_rate": lambda c: lr / (1 + c.to(torch.float64) * decay)})
     return factory(**kwargs)
 
 

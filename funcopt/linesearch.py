@@ -79,16 +79,9 @@ class ScaleByBacktrackingLinesearchState(NamedTuple):
 
 
 class ScaleByZoomLinesearchState(NamedTuple):
-    """State of :func:`scale_by_zoom_linesearch`; same fields as the backtracking state.
-
-    Attributes:
-        count: 0-dim int64, number of updates so far.
-        value: 0-dim float, objective at the accepted point (``inf`` before the first update).
-        grad: gradient at the accepted point, shaped like the params (zeros before any update).
-        step_size: 0-dim float, the last accepted step size ``a``.
-        num_evals: 0-dim int64, total function evaluations made by this line search.
-        status: 0-dim int64, outcome of the last search (:data:`LINESEARCH_STATUS`).
-    """
+    """State of :func:`scale_by_zoom_linesearch`: the fields (and meanings) of
+    :class:`ScaleByBacktrackingLinesearchState`, as a distinct type so that a state is never
+    fed to the other line search."""
 
     count: torch.Tensor
     value: torch.Tensor

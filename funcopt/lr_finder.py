@@ -440,21 +440,6 @@ def _injected_with_lr(state: Any) -> list[InjectHyperparamsState]:
     return found
 
 
-def _cast_hyperparams(state: Any, dtype: torch.dtype) -> Any:
-    """``state`` with every floating injected hyperparameter cast to ``dtype``.
-
-    Under ``vmap`` a batched hyperparameter is no longer a 0-dim "scalar" to type promotion,
-    so float64 hyperparameters next to float32 params make kernels such as ``torch.lerp``
-    (Adam's moments) reject the mix; the params' own dtype avoids that.
-    """
-
-    def cast(node: InjectHyperparamsState) -> InjectHyperparamsState:
-        hp = {k: v.to(dtype) if v.is_floating_point() else v for k, v in node.hyperparams.items()}
-        return node._replace(hyperparams=hp)
-
-    return _map_injected(state, cast)
-
-
 class _LrSetter:
     """Sets the learning rate of every ``inject_hyperparams`` state found in a state tree.
 
@@ -793,9 +778,6 @@ def lr_sweep(
     _check_params(params, "lr_sweep")
     params = _tree.map(lambda p: p.detach(), params)
     tx, state0, set_lr = _prepare(optimizer, params, opt_state, lrs[0])
-    dtypes = {p.dtype for p in _tree.leaves(params)}
-    if len(dtypes) == 1:
-        state0 = _cast_hyperparams(state0, dtypes.pop())
     k = len(lrs)
 
     # Stack K copies; keep only tensor leaves of the state batched (Python values stay static).

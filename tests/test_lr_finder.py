@@ -474,7 +474,7 @@ def test_lr_sweep_adam_groups_and_diverging_lanes():
 
 def test_lr_sweep_float32_params_with_float64_injected_hyperparams():
     # inject_hyperparams keeps float64 hyperparameters; batched under vmap they would meet float32
-    # moments in torch.lerp. lr_sweep casts them to the params' dtype.
+    # moments in torch.lerp, which funcopt.transforms handles by casting the weight per leaf.
     module, params, _, (X, Y) = mlp_problem(dtype=torch.float32, n=32)
     params = {k: v.float() for k, v in params.items()}
 

@@ -1,12 +1,25 @@
 """Optimizer step time: funcopt's paths against torch.optim (and torchopt), side by side.
 
-Every row runs in this one process on its own copy of the same parameters, interleaved
-(one step of every row per round), on ``--threads`` threads; the first rounds are warm-up and
-the table shows medians of the rest as a ratio to ``torch.optim.<Opt>(fused=True)`` measured
-in the same rounds, and the ratio of the fastest rounds (steadier on a loaded machine). The
-memory bandwidth is measured in the same rounds by a probe (``a.add_(b)`` on 64 MB fp32
-buffers); each row's "bound" column is the bandwidth bound's time (bytes the step
-must move / bandwidth) divided by the row's time.
+All rows run in this one process, interleaved (one step of every row per round, in a shuffled
+order), on ``--threads`` threads; the first rounds are warm-up. "ratio to torch fused" is the
+median over the rounds of the row's time divided by ``torch.optim.<Opt>(fused=True)``'s time
+in the same round (paired, so the machine's drift between rounds cancels); "ratio of minima"
+compares the fastest rounds (steadier on a loaded machine).
+
+The in-place rows (torch.optim's for-loop, foreach and fused steps, and funcopt's donated
+step) all update *one shared set of buffers* (params, gradients, state), so that they are
+compared on the same memory: on this kind of virtual machine, equal buffers allocated at
+different times run the same kernel up to 10-20% apart, which would otherwise decide the
+comparison. The pure rows allocate their outputs anyway and keep their own inputs. Before
+every step, a 64 MB write evicts the last-level cache (32 MB here): each step starts cold, as
+in training, where the forward and backward passes run between two optimizer steps (and as
+the issue's reference figures, with torch fused at 0.85-0.97 of the DRAM bandwidth bound on
+every size, were measured). Without it S3's 17 MB of Adam buffers would stay in cache
+between back-to-back steps of one row.
+
+The memory bandwidth is measured in the same rounds by a probe (``a.add_(b)`` on 64 MB fp32
+buffers); each row's "bound" column is the bandwidth bound's time (bytes the step must move /
+bandwidth) divided by the row's time.
 
 Shapes: S1 = ResNet-18's 62 parameter tensors (11.7M elements), S2 = one 16M-element tensor,
 S3 = an Iris MLP 4-1024-1024-3 (1.06M elements). All fp32.
@@ -20,6 +33,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from typing import Callable
@@ -66,23 +80,28 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
     grads = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
-    params_tree = lambda: {f"p{i:02d}": t.clone() for i, t in enumerate(base)}
-    grads_tree = {f"p{i:02d}": g for i, g in enumerate(grads)}
+    keys = [f"p{i:02d}" for i in range(len(base))]
+    params_tree = lambda: {k: t.clone() for k, t in zip(keys, base)}
     rows: list[Row] = []
 
-    def torch_row(label: str, **flags):
-        params = [torch.nn.Parameter(t.clone()) for t in base]
-        for p, g in zip(params, grads):
-            p.grad = g.clone()
-        if which == "adam":
-            opt = torch.optim.Adam(params, lr=1e-3, **flags)
-        else:
-            opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, **flags)
-        rows.append(Row(label, opt.step))
+    # The in-place rows share one set of buffers (see the module docstring).
+    shared = [torch.nn.Parameter(t.clone()) for t in base]
+    for p, g in zip(shared, grads):
+        p.grad = g.clone()
 
-    torch_row("torch.optim for-loop", foreach=False)
-    torch_row("torch.optim foreach", foreach=True)
-    torch_row("torch.optim fused", fused=True)
+    def torch_opt(**flags) -> torch.optim.Optimizer:
+        if which == "adam":
+            return torch.optim.Adam(shared, lr=1e-3, **flags)
+        return torch.optim.SGD(shared, lr=1e-3, momentum=0.9, **flags)
+
+    fused_opt = torch_opt(fused=True)
+    fused_opt.step()  # creates the state buffers the other in-place rows take over
+    for label, flags in (("torch.optim for-loop", {"foreach": False}), ("torch.optim foreach", {"foreach": True})):
+        opt = torch_opt(**flags)
+        for p in shared:
+            opt.state[p] = fused_opt.state[p]  # the same dict: the same state tensors
+        rows.append(Row(label, opt.step))
+    rows.append(Row("torch.optim fused", fused_opt.step))
 
     make_tx = (lambda: funcopt.adam(1e-3)) if which == "adam" else (lambda: funcopt.sgd(1e-3, momentum=0.9))
 
@@ -90,8 +109,21 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
         tx = make_tx()
         box = {"p": params_tree()}
         box["s"] = tx.init(box["p"])
+        grads_tree = {k: g.clone() for k, g in zip(keys, grads)}
 
-        if mode == "donated":
+        if mode == "donated":  # on the shared buffers, with torch's state tensors as its state
+            box["p"] = {k: p.detach() for k, p in zip(keys, shared)}
+            grads_tree = {k: p.grad for k, p in zip(keys, shared)}
+            torch_state = [fused_opt.state[p] for p in shared]
+            count = torch.tensor(int(torch_state[0].get("step", 1)))
+            if which == "adam":
+                mu = {k: s["exp_avg"] for k, s in zip(keys, torch_state)}
+                nu = {k: s["exp_avg_sq"] for k, s in zip(keys, torch_state)}
+                box["s"] = (box["s"][0]._replace(count=count, mu=mu, nu=nu),) + box["s"][1:]
+            else:
+                buf = {k: s["momentum_buffer"] for k, s in zip(keys, torch_state)}
+                box["s"] = (box["s"][0]._replace(count=count, momentum_buffer=buf),) + box["s"][1:]
+
             def step():
                 box["p"], box["s"] = apply_gradients(tx, grads_tree, box["s"], box["p"], donate=True)
         elif mode == "compiled":
@@ -126,7 +158,7 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
         opt = torchopt.adam(1e-3) if which == "adam" else torchopt.sgd(1e-3, momentum=0.9)
         box = {"p": tuple(t.clone() for t in base)}
         box["s"] = opt.init(box["p"])
-        g = tuple(grads)
+        g = tuple(t.clone() for t in grads)
 
         def step():
             u, box["s"] = opt.update(g, box["s"], params=box["p"], inplace=False)
@@ -149,24 +181,35 @@ def bandwidth_probe() -> Row:
 def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool) -> str:
     shapes = SIZES[size]
     numel = sum(torch.Size(s).numel() for s in shapes)
-    inner = 5 if numel < 4_000_000 else 1
+    if numel < 4_000_000:
+        rounds *= 4  # short steps: more rounds for the same precision
     probe = bandwidth_probe()
+    evict = torch.empty(1 << 24)  # 64 MB, twice this machine's 32 MB L3
     rows = make_rows(which, shapes, compile_row)
+    order = random.Random(0)
     for r in range(warmup + rounds):
         t = time.perf_counter()
         probe.step()
         if r >= warmup:
             probe.times.append(time.perf_counter() - t)
-        for row in rows:
+        # A new order every round: a row that allocates and frees a lot (the pure rows) slows
+        # whichever row follows it, so no row may always follow the same one.
+        for row in order.sample(rows, len(rows)):
+            evict.fill_(float(r))  # evict the last-level cache (see the module docstring)
             t = time.perf_counter()
-            for _ in range(inner):
-                row.step()
+            row.step()
             if r >= warmup:
-                row.times.append((time.perf_counter() - t) / inner)
+                row.times.append(time.perf_counter() - t)
     bandwidth = probe.bytes / statistics.median(probe.times)
     medians = {row.name: statistics.median(row.times) for row in rows}
     minima = {row.name: min(row.times) for row in rows}
-    ref, ref_min = medians["torch.optim fused"], minima["torch.optim fused"]
+    ref_row = next(row for row in rows if row.name == "torch.optim fused")
+    # Paired: each round's time over torch fused's time in the same round, then the median, so
+    # that the machine's drift between rounds (other tenants of the host) cancels out.
+    paired = {
+        row.name: statistics.median(t / f for t, f in zip(row.times, ref_row.times)) for row in rows
+    }
+    ref_min = minima["torch.optim fused"]
     bound = BYTES_PER_ELEMENT[which] * numel / bandwidth
     lines = [
         f"### {which}, {size} ({numel / 1e6:.2f}M elements in {len(shapes)} tensors)",
@@ -179,7 +222,7 @@ def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool) -> s
     for row in rows:
         m = medians[row.name]
         lines.append(
-            f"| {row.name} | {m * 1e3:.2f} | {m / ref:.2f} | {minima[row.name] / ref_min:.2f} | {bound / m:.2f} |"
+            f"| {row.name} | {m * 1e3:.2f} | {paired[row.name]:.2f} | {minima[row.name] / ref_min:.2f} | {bound / m:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -532,24 +532,26 @@ class _FastPath:
         The outputs are the new params (``donate``, written into the params buffers) or fresh
         updates (pure). Pure runs never write into ``plan``'s input tensors.
         """
-        kind, h, lr = self.kind, plan.h, plan.lr
-        n = len(plan.g)
-        out: list[torch.Tensor | None] = [None] * n
-        new_buffers: dict[str, list[Any] | None] = {
-            k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
-        }
-        copy_state = not donate and kind in ("adam", "adamw", "sgd", "adagrad")
+        kind = self.kind
         new_counts = {k: c + 1 for k, c in plan.counts.items()}
         step = None  # the kernels read the 1-based step from a tensor (int64 is accepted)
         if kind in ("adam", "adamw"):
             step = new_counts[ScaleByAdamState]
         elif kind == "adagrad":
             step = _one(plan.columns.device)  # only read, and unused with lr_decay=0
-        first = False
-        if TraceState in plan.counts:
-            first = int(plan.counts[TraceState]) == 0
-
-        for idx in plan.columns.groups:
+        first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
+        groups = plan.columns.groups
+        if donate and len(groups) == 1:  # the common case, with no re-indexing
+            self._kernel(plan, plan.p, plan.g, dict(plan.buffers), step, first, True)
+            # the buffers were written in place: their containers are handed on as they are
+            return plan.p, _with_counts(state, plan.positions, new_counts)
+        n = len(plan.g)
+        out: list[Any] = [None] * n
+        new_buffers: dict[str, list[Any] | None] = {
+            k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
+        }
+        copy_state = not donate and kind in ("adam", "adamw", "sgd", "adagrad")
+        for idx in groups:
             g = _pick(plan.g, idx)
             p = _pick(plan.p, idx) if plan.p is not None else None
             bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
@@ -559,18 +561,7 @@ class _FastPath:
                     k: (None if v is None else [torch.empty_like(x) if fresh_sgd else x.clone() for x in v])
                     for k, v in bufs.items()
                 }
-            if kind in ("adam", "adamw"):
-                res = _adam_kernel(h, lr, p, g, bufs["mu"], bufs["nu"], bufs["nu_max"], step, donate, kind == "adamw")
-            elif kind == "sgd":
-                res = _sgd_kernel(h, lr, p, g, bufs["buf"], first, donate)
-            elif kind == "adagrad":
-                res = _adagrad_kernel(h, lr, p, g, bufs["acc"], step, donate)
-            elif kind == "rmsprop":
-                res, bufs["nu"], bufs["mu"], bufs["buf"] = _rmsprop_kernel(
-                    h, lr, p, g, bufs["nu"], bufs["mu"], bufs["buf"], first, donate
-                )
-            else:
-                res, bufs["mu"] = _lion_kernel(h, lr, p, g, bufs["mu"], donate)
+            res = self._kernel(plan, p, g, bufs, step, first, donate)
             if len(idx) == n:  # one dtype group: the lists are already in leaf order
                 out, new_buffers = list(res), bufs
                 break
@@ -579,7 +570,36 @@ class _FastPath:
                 for k, v in bufs.items():
                     if v is not None:
                         new_buffers[k][i] = v[j]
+        if donate:  # the buffers were written in place: their containers are handed on as they are
+            return out, _with_counts(state, plan.positions, new_counts)
         return out, self._new_state(plan, state, new_buffers, new_counts)
+
+    def _kernel(
+        self,
+        plan: _Plan,
+        p: list[torch.Tensor] | None,
+        g: list[torch.Tensor],
+        bufs: dict[str, list[torch.Tensor] | None],
+        step: torch.Tensor | None,
+        first: bool,
+        donate: bool,
+    ) -> list[torch.Tensor]:
+        """Runs this optimizer's kernel on one dtype group; returns the outputs and leaves the
+        (new, for the foreach kernels when pure) state buffers in ``bufs``."""
+        kind, h, lr = self.kind, plan.h, plan.lr
+        if kind in ("adam", "adamw"):
+            return _adam_kernel(h, lr, p, g, bufs["mu"], bufs["nu"], bufs["nu_max"], step, donate, kind == "adamw")
+        if kind == "sgd":
+            return _sgd_kernel(h, lr, p, g, bufs["buf"], first, donate)
+        if kind == "adagrad":
+            return _adagrad_kernel(h, lr, p, g, bufs["acc"], step, donate)
+        if kind == "rmsprop":
+            res, bufs["nu"], bufs["mu"], bufs["buf"] = _rmsprop_kernel(
+                h, lr, p, g, bufs["nu"], bufs["mu"], bufs["buf"], first, donate
+            )
+            return res
+        res, bufs["mu"] = _lion_kernel(h, lr, p, g, bufs["mu"], donate)
+        return res
 
     def _new_state(
         self, plan: _Plan, state: tuple, new: dict[str, list[Any] | None], counts: dict[Any, torch.Tensor]
@@ -626,101 +646,95 @@ class _FastPath:
         memo = self._memo
         return memo is not None and state is memo.state
 
-    def donated_update_flat(
-        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any]
-    ) -> tuple[list[torch.Tensor], Any, list[torch.Tensor]] | None:
-        """:meth:`donated_update` returning (params leaves written in place, new state, the old
-        state's tensors the new state no longer holds), or None where it does not apply."""
-        result = self._donated(grads, state, params, flat_params)
-        if result is None:
-            return None
-        out, new_state, plan = result
-        return out, new_state, list(plan.counts.values())
+    def repeat_step(self, grads: PyTree, state: Any, params: PyTree) -> tuple[Any, list[torch.Tensor]] | None:
+        """The donated step after a donated step, for ``apply_gradients``'s hot path.
 
-    def donated_update(
-        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None
-    ) -> tuple[PyTree, Any] | None:
+        Applies only when ``state`` is the state the previous donated step returned and the
+        checks it remembered (:class:`_Memo`) still hold; then writes the step into ``params``
+        and the state buffers and returns ``(new_state, replaced)``, where ``replaced`` are the
+        old state's tensors the new state no longer holds (its step counts). Returns None,
+        having written nothing, otherwise. The new params are ``params``, updated in place.
+        """
+        memo = self._memo
+        if memo is None or state is not memo.state or not _SWITCH.enabled or _in_traced_context():
+            return None
+        plan = memo.replan(self, grads, state, params)
+        if plan is None:
+            return None
+        _, new_state = self.run(plan, state, donate=True)
+        self._memo = memo._replace(state=new_state)
+        return new_state, list(plan.counts.values())
+
+    def donated_update(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
         """One step writing into ``params`` and the state buffers; returns (new params, new state).
 
-        Returns None (and writes nothing) where the fast path does not apply. The checks of a
-        step whose params and state are the ones the previous donated step returned are
-        remembered (:class:`_Memo`), so only the gradients are checked again.
+        Returns None (and writes nothing) where the fast path does not apply. The new params
+        are a tree of the tensors passed in, updated in place.
         """
-        result = self._donated(grads, state, params, flat_params)
+        result = self.donated_run(grads, state, params)
         if result is None:
             return None
-        out, new_state, plan = result
-        return optree.tree_unflatten(plan.spec, out), new_state
+        out, new_state, _, spec = result
+        return optree.tree_unflatten(spec, out), new_state
 
-    def _donated(
-        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None
-    ) -> tuple[list[torch.Tensor], Any, _Plan] | None:
-        if not self.usable():
+    def donated_run(
+        self, grads: PyTree, state: Any, params: PyTree
+    ) -> tuple[list[torch.Tensor], Any, list[torch.Tensor], Any] | None:
+        """Runs a donated step; returns (params leaves written, new state, replaced counts, the
+        params' tree structure).
+
+        A step given the state the previous donated step returned, with params in the same
+        memory, reuses that step's checks (:class:`_Memo`): only the gradients, the params'
+        memory and the state's containers are looked at again. Otherwise the step is planned
+        and checked from scratch, and its checks are remembered for the next step.
+        """
+        if not _SWITCH.enabled or _in_traced_context():
             return None
         memo = self._memo
-        plan = self._replan(grads, state, params, flat_params)
+        if memo is not None and state is memo.state:
+            plan = memo.replan(self, grads, state, params)
+            if plan is not None:
+                out, new_state = self.run(plan, state, donate=True)
+                self._memo = memo._replace(state=new_state)
+                return out, new_state, list(plan.counts.values()), plan.spec
+        self._memo = None
+        plan = self.plan(grads, state, params, donate=True)
         if plan is None:
-            memo = self._memo = None
-            plan = self.plan(grads, state, params, donate=True)
-            if plan is None:
-                return None
+            return None
         out, new_state = self.run(plan, state, donate=True)
-        if memo is not None:  # same buffers as last time: only the state object is new
-            self._memo = memo._replace(state=new_state)
-        else:
-            self._memo = _Memo(
-                new_state,
-                plan._replace(g=[], p=None, counts={}),
-                [t.data_ptr() for t in out],
-                [(t.dtype, t.shape, t.get_device(), True, False) for t in out],
-                frozenset(t.data_ptr() for b in plan.buffers.values() if b is not None for t in b)
-                | frozenset(t.data_ptr() for t in out),
-            )
-        return out, new_state, plan
+        if self._static_h is not None:
+            self._memo = _Memo.of(new_state, plan, params, out, self.kind)
+        return out, new_state, list(plan.counts.values()), plan.spec
 
-    def _replan(
-        self, grads: PyTree, state: Any, params: PyTree, flat_params: tuple[list[Any], Any] | None = None
-    ) -> _Plan | None:
-        """The plan of the previous donated step, reused when ``state`` is the state it returned
-        and ``params`` live in the same memory; None otherwise."""
-        memo = getattr(self, "_memo", None)
-        if memo is None or state is not memo.state or self._static_h is None:
-            return None
-        old = memo.plan
-        lr = self._learning_rate(state, old.positions)
-        if lr is None:
-            return None
-        p, p_spec = _flatten(params) if flat_params is None else flat_params
-        if p_spec != old.spec or [t.data_ptr() for t in p] != memo.pointers:
-            return None
-        g, g_spec = _flatten(grads)
-        written = memo.written
-        try:
-            if (
-                g_spec != old.spec
-                or [(t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in p]
-                != memo.reference
-                or not set(map(type, g)) <= _PLAIN_SET
-                or [(t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in g]
-                != memo.reference
-                or True in [t.data_ptr() in written for t in g]
-            ):
+
+class _LeafReader:
+    """Reads the leaves of trees with one known structure, faster than flattening them.
+
+    For a flat ``dict`` of leaves (what ``funcopt.nn.extract`` returns) the leaves are read with
+    one ``operator.itemgetter`` in optree's (sorted-key) order; other trees are flattened and
+    their structure compared. ``leaves`` returns None for a tree of another structure.
+    """
+
+    def __init__(self, tree: PyTree, spec: Any):
+        self.spec = spec
+        self.n = spec.num_leaves
+        self.getter: Callable[[dict], Any] | None = None
+        if type(tree) is dict and spec.num_nodes == self.n + 1 == len(tree) + 1 and self.n > 1:
+            order = [path[0] for path in optree.tree_paths(tree, none_is_leaf=False)]
+            self.getter = operator.itemgetter(*order)
+
+    def leaves(self, tree: PyTree) -> list[Any] | None:
+        if self.getter is not None and type(tree) is dict and len(tree) == self.n:
+            try:
+                return list(self.getter(tree))
+            except (KeyError, TypeError):
                 return None
-        except (AttributeError, RuntimeError):
-            return None
-        # The state tuple is the one returned last time; check its containers still hold the
-        # same buffers (a dict inside it could have been edited).
-        for name, leaves in old.buffers.items():
-            if leaves is not None:
-                current = _flatten(_buffer_tree(self.kind, name, state, old.positions))[0]
-                if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
-                    return None
-        counts = {k: state[old.positions[k]].count for k in _COUNTED if k in old.positions}
-        return old._replace(lr=lr, p=p, g=g, counts=counts)
+        leaves, spec = _flatten(tree)
+        return leaves if spec == self.spec else None
 
 
 class _Memo(NamedTuple):
-    """What a donated step checked, kept for the next step (see ``_FastPath._replan``).
+    """What a donated step checked, kept for the next step (see :meth:`replan`).
 
     It holds the state that step returned (so the state's memory stays alive until the next
     donated step of this optimizer or until the optimizer is dropped).
@@ -728,12 +742,99 @@ class _Memo(NamedTuple):
 
     state: tuple
     plan: _Plan
-    pointers: list[int]
-    reference: list[tuple]
-    written: frozenset[int]
+    reader: _LeafReader
+    pointers: list[int]  # data_ptr of each params buffer written
+    shapes: list[torch.Size]  # of the params, which the gradients must share
+    dtypes: list[torch.dtype]  # of the params, which the gradients must share
+    devices: list[int]  # of the params (``get_device()``), which the gradients must share
+    written: frozenset[int]  # data_ptr of every buffer the kernels write
+    containers: tuple[tuple[Any, list[torch.Tensor]], ...]  # state subtrees and their leaves
+
+    @staticmethod
+    def of(state: tuple, plan: _Plan, params: PyTree, out: list[torch.Tensor], kind: str) -> _Memo:
+        containers = tuple(
+            (subtree, _container_leaves(subtree))
+            for name, leaves in plan.buffers.items()
+            if leaves is not None
+            for subtree in (_buffer_tree(kind, name, state, plan.positions),)
+        )
+        return _Memo(
+            state,
+            plan._replace(g=[], p=None, counts={}),
+            _LeafReader(params, plan.spec),
+            [t.data_ptr() for t in out],
+            [t.shape for t in out],
+            [t.dtype for t in out],
+            [t.get_device() for t in out],
+            frozenset(t.data_ptr() for b in plan.buffers.values() if b is not None for t in b)
+            | frozenset(t.data_ptr() for t in out),
+            containers,
+        )
+
+    def replan(self, fp: _FastPath, grads: PyTree, state: tuple, params: PyTree) -> _Plan | None:
+        """The remembered plan with this step's params, gradients, counts and learning rate, or
+        None where anything it relied on changed (the caller then plans from scratch).
+
+        ``state`` is the state the remembered step returned. Checked again: the params are
+        plain tensors in the same memory with the same shapes, not requiring grad (so in-place
+        resizes, ``.data`` swaps and ``requires_grad_()`` are caught); the gradients are plain
+        contiguous tensors of the params' shapes, dtypes and device, not requiring grad and not
+        aliasing a written buffer; the state's containers still hold the same buffers.
+        """
+        old = self.plan
+        p = self.reader.leaves(params)
+        g = self.reader.leaves(grads)
+        if p is None or g is None:
+            return None
+        try:  # one C-level map per property: the per-step cost of this path
+            if (
+                not set(map(type, p)) <= _PLAIN_SET
+                or not set(map(type, g)) <= _PLAIN_SET
+                or list(map(_Tensor.data_ptr, p)) != self.pointers
+                or list(map(_SHAPE, p)) != self.shapes
+                or list(map(_SHAPE, g)) != self.shapes
+                or True in map(_REQUIRES_GRAD, p)
+                or True in map(_REQUIRES_GRAD, g)
+                or list(map(_DTYPE, g)) != self.dtypes
+                or list(map(_Tensor.get_device, g)) != self.devices
+                or not all(map(_Tensor.is_contiguous, g))
+                or not self.written.isdisjoint(map(_Tensor.data_ptr, g))
+            ):
+                return None
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+        for subtree, leaves in self.containers:
+            current = _container_leaves(subtree)
+            if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
+                return None
+        lr = fp._learning_rate(state, old.positions)
+        if lr is None:
+            return None
+        counts = {k: state[old.positions[k]].count for k in _COUNTED if k in old.positions}
+        return old._replace(lr=lr, p=p, g=g, counts=counts)
 
 
 _COUNTED = (ScaleByAdamState, TraceState, ScaleByLionState, "schedule")
+_Tensor = torch.Tensor
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _container_leaves(subtree: Any) -> list[Any]:
+    """The leaves of a state subtree, in insertion order for a flat dict (cheap), else optree's."""
+    if type(subtree) is dict:
+        return list(subtree.values())
+    return _flatten(subtree)[0]
+
+
+def _with_counts(state: tuple, positions: dict[Any, int], counts: dict[Any, torch.Tensor]) -> tuple:
+    """The chain state with new step counts and every other entry (and container) unchanged."""
+    entries = list(state)
+    for key, count in counts.items():
+        i = positions[key]
+        entries[i] = ScaleByScheduleState(count) if key == "schedule" else entries[i]._replace(count=count)
+    return tuple(entries)
 
 
 def _buffer_tree(kind: str, name: str, state: tuple, positions: dict[Any, int]) -> Any:

@@ -10,17 +10,17 @@ the README section "Performance: the fast path and donation").
 
 Donation rules:
 
-- After a donating call, the ``params`` and ``opt_state`` you passed are *invalid*. Each
-  params tensor is emptied (``tensor.set_()``, shape ``(0,)``) and marked, so reading one
-  fails loudly or gives an empty result, and passing one to a donating step again raises
-  :class:`DonatedValueError` naming its path. State tensors the step replaced (the step
-  count) are emptied and marked the same way, so passing an old ``opt_state`` again raises
-  too; state buffers updated in place (Adam's moments, momentum) are handed on to the new
-  state unchanged as objects, so an old ``opt_state`` may alias the new one (emptying them
-  would cost more than the step's other overhead). Always rebind:
-  ``params, opt_state, loss = step(params, opt_state, x, y)``.
-- To keep a copy (e.g. the best params so far), clone it before the call:
+- The step writes the new values into the params tensors you passed and returns them: the
+  returned ``params`` hold the *same tensor objects* (as ``optimizer.step()`` updates a
+  model's parameters in place), so any reference you kept to the old params now shows the
+  new values. To keep a copy (e.g. the best params so far), clone it before the call:
   ``best = funcopt.tree.map(torch.clone, params)``.
+- The state's buffers (Adam's moments, momentum) are updated in place and handed on the same
+  way. The state tensors the new state does not hold (its step counts) are emptied
+  (``tensor.set_()``, shape ``(0,)``) and marked, so an old ``opt_state`` is *invalid*:
+  passing it to a donating step again raises :class:`DonatedValueError` naming its path
+  (a cheap check: one tensor per state, not one per leaf). Always rebind:
+  ``params, opt_state, loss = step(params, opt_state, x, y)``.
 - Memory shared with the params you donate is updated in place too: with
   ``funcopt.nn.extract(model, copy=False)`` the module's own parameters follow training.
 - Donation happens only where it is valid: plain tensors not requiring grad, outside
@@ -30,9 +30,9 @@ Donation rules:
 Plain ``tx.update`` never donates and never writes into its arguments.
 
 The optimizer object keeps a reference to the state its last donated step returned, so that
-the next step, given that state, can skip re-checking the same buffers (only the gradients
-and the params' memory are checked again); that state's memory lives until the next donated
-step or until the optimizer is dropped.
+the next step, given that state, can skip re-checking the same buffers (only the gradients,
+the params' memory and the state's containers are checked again); that state's memory lives
+until the next donated step or until the optimizer is dropped.
 """
 
 from __future__ import annotations
@@ -102,11 +102,12 @@ def _scan(params: PyTree, opt_state: PyTree, leaves: list[Any], n_params: int) -
     return not (True in [x.requires_grad for x in param_tensors] or True in [x.is_inference() for x in tensors])
 
 
-def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
+def _add_in_place(params: PyTree, updates: PyTree, new_state: OptState) -> PyTree | None:
     """``params += updates`` with one multi-tensor op, or None where that is not valid."""
     if _tree.structure(params) != _tree.structure(updates):
         return None
     p, u = _tree.leaves(params), _tree.leaves(updates)
+    held = set(map(id, optree.tree_leaves(new_state, none_is_leaf=False)))
     seen: set[int] = set()
     for a, b in zip(p, u):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
@@ -117,45 +118,20 @@ def _add_in_place(params: PyTree, updates: PyTree) -> PyTree | None:
             return None
         if a.data_ptr() in seen:  # tied or aliased params would be updated twice
             return None
+        if id(a) in held:  # the new state holds this params tensor: writing it would change the state
+            return None
         seen.add(a.data_ptr())
     if p:
         torch._foreach_add_(p, u)
     return params
 
 
-def _release(
-    param_leaves: list[Any], state_leaves: list[Any], new_params: PyTree, new_state: OptState
-) -> tuple[PyTree, OptState]:
-    """Invalidates the donated inputs; returns the outputs with fresh tensor objects for params.
-
-    Every donated params tensor is emptied and marked, and the new params get fresh tensor
-    objects (aliases of the reused memory). A donated state tensor is emptied and marked when
-    the new state does not reuse it (e.g. the old step count); state buffers updated in place
-    are handed on as they are (emptying them is the per-leaf cost this avoids), so an old
-    ``opt_state`` may alias the new one, and passing it again is caught by its emptied count.
-    """
-    old_params = set(map(id, param_leaves))
-    leaves, spec = optree.tree_flatten(new_params, none_is_leaf=False)
-    fresh_params = optree.tree_unflatten(spec, [x.detach() if id(x) in old_params else x for x in leaves])
-    kept = set(map(id, optree.tree_leaves(new_state, none_is_leaf=False)))
-    kept |= old_params
-    dead = [x for x in param_leaves if type(x) in _PLAIN]
-    dead += [x for x in state_leaves if id(x) not in kept and type(x) in _PLAIN]
-    for t in dead:
-        t.set_()
-        t.__dict__[_MARK] = True
-    return fresh_params, new_state
-
-
-def _invalidate(param_leaves: list[Any], replaced: list[Any], out: list[Any], spec: Any) -> PyTree:
-    """``_release`` for the fast path: ``out`` are the params buffers written in place and
-    ``replaced`` the old state tensors the new state does not hold (its step counts)."""
-    fresh = optree.tree_unflatten(spec, [x.detach() for x in out])
-    for t in param_leaves + replaced:
+def _mark_donated(tensors: list[Any]) -> None:
+    """Empties and marks donated tensors that no result holds, so that a later use is caught."""
+    for t in tensors:
         if type(t) in _PLAIN:
             t.set_()
             t.__dict__[_MARK] = True
-    return fresh
 
 
 def apply_gradients(
@@ -173,8 +149,9 @@ def apply_gradients(
     :func:`funcopt.apply_updates`. With ``donate=True`` the caller gives up ``params`` and
     ``opt_state`` (see the module docstring): optimizers with a fast path (``sgd``, ``adam``,
     ``adamw``, ``adagrad``, ``rmsprop``, ``lion``) then update their buffers in place with fused
-    kernels, any other transformation adds its updates into the params in place, and the
-    inputs are invalidated. ``grads`` are only read.
+    kernels, any other transformation adds its updates into the params in place, the
+    returned params are the tensors passed in (updated), and the old state is invalidated.
+    ``grads`` are only read.
 
     Args:
         tx: the optimizer.
@@ -192,32 +169,34 @@ def apply_gradients(
             f"apply_gradients expects a GradientTransformation as tx, got {type(tx).__name__}. "
             "Pass an optimizer such as funcopt.adam(1e-3)."
         )
-    param_leaves, param_spec = optree.tree_flatten(params, none_is_leaf=False)
     fast = _fused._fast_path_of(tx)
-    if donate and fast is not None and fast.returned(opt_state):
-        # The state this optimizer's previous donated step returned: none of it is donated
-        # yet, so only the params need scanning.
-        if _scan(params, None, param_leaves, len(param_leaves)):
-            result = fast.donated_update_flat(grads, opt_state, params, (param_leaves, param_spec))
-            if result is not None:
-                out, new_state, replaced = result
-                return _invalidate(param_leaves, replaced, out, param_spec), new_state
+    if donate and fast is not None:
+        # The hot path: the state the previous donated step returned, whose checks still hold.
+        repeated = fast.repeat_step(grads, opt_state, params)
+        if repeated is not None:
+            new_state, replaced = repeated
+            _mark_donated(replaced)
+            return params, new_state
+    param_leaves = _tree.leaves(params)
     state_leaves = _tree.leaves(opt_state)
-    leaves = param_leaves + state_leaves
-    donatable = _scan(params, opt_state, leaves, len(param_leaves))
+    donatable = _scan(params, opt_state, param_leaves + state_leaves, len(param_leaves))
     if not donate or not donatable:
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
-    result = fast.donated_update(grads, opt_state, params, (param_leaves, param_spec)) if fast is not None else None
-    if result is None:
-        updates, new_state = tx.update(grads, opt_state, params, **extra_args)
-        if any(isinstance(x, torch.Tensor) and x.requires_grad for x in state_leaves):
-            return apply_updates(params, updates), new_state  # nothing donated
-        new_params = _add_in_place(params, updates)
-        if new_params is None:
-            new_params = apply_updates(params, updates)
-        result = (new_params, new_state)
-    return _release(param_leaves, state_leaves, *result)
+    result = fast.donated_run(grads, opt_state, params) if fast is not None else None
+    if result is not None:
+        _, new_state, replaced, _ = result
+        _mark_donated(replaced)
+        return params, new_state
+    updates, new_state = tx.update(grads, opt_state, params, **extra_args)
+    if any(isinstance(x, torch.Tensor) and x.requires_grad for x in state_leaves):
+        return apply_updates(params, updates), new_state  # nothing donated
+    new_params = _add_in_place(params, updates, new_state)
+    if new_params is None:
+        new_params = apply_updates(params, updates)
+    kept = set(map(id, optree.tree_leaves(new_state, none_is_leaf=False))) | set(map(id, param_leaves))
+    _mark_donated([x for x in state_leaves if id(x) not in kept])
+    return new_params, new_state
 
 
 def _autograd_grad_and_value(
@@ -296,11 +275,11 @@ def make_step(
             "Pass an optimizer such as funcopt.adam(1e-3) (note the call)."
         )
     grad_fn = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
+    fast = _fused._fast_path_of(tx)
 
     def step(params: PyTree, opt_state: OptState, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        if donate:  # fail before computing the loss on an emptied tensor
-            _check_not_donated(params, "params")
-            _check_not_donated(opt_state, "opt_state")
+        if donate and (fast is None or not fast.returned(opt_state)):
+            _check_not_donated(opt_state, "opt_state")  # fail before computing the loss
         grads_value = _autograd_grad_and_value(loss_fn, has_aux, params, args, kwargs)
         grads, value = grads_value if grads_value is not None else grad_fn(params, *args, **kwargs)
         loss, aux = value if has_aux else (value, None)

@@ -46,27 +46,29 @@ def test_donated_step_equals_pure_step(name):
     assert la < first_loss
 
 
-def test_donated_inputs_are_invalidated_and_reuse_is_caught():
+def test_donated_params_are_updated_in_place_and_an_old_state_is_caught():
     _, params, loss_fn, (X, Y) = mlp_problem()
     tx = funcopt.adam(1e-2)
     step = make_step(loss_fn, tx)
     state = tx.init(params)
     old_params, old_state = params, state
+    expected = make_step(loss_fn, tx, donate=False)(_clone(params), tx.init(params), X, Y)[0]
     params, state, _ = step(params, state, X, Y)
-    for leaf in tree.leaves(old_params) + [old_state[0].count]:
-        assert is_donated(leaf) and leaf.shape == (0,)
-    # The moment buffers were updated in place and handed on: the old state aliases the new one.
+    # The params are the tensors passed in, holding the new values (as optimizer.step()).
+    assert all(a is b for a, b in zip(tree.leaves(old_params), tree.leaves(params)))
+    assert_trees_close(params, expected, rtol=1e-6, atol=1e-7)
+    # The old state's step count was replaced, emptied and marked; its buffers were handed on.
+    assert is_donated(old_state[0].count) and old_state[0].count.shape == (0,)
     assert all(a is b for a, b in zip(tree.leaves(old_state[0].mu), tree.leaves(state[0].mu)))
     assert not any(is_donated(x) for x in tree.leaves((params, state)))
-    with pytest.raises(DonatedValueError, match=r"params\['0.bias'\] was donated"):
-        step(old_params, state, X, Y)
     with pytest.raises(DonatedValueError, match=r"opt_state\[0\].count was donated"):
         step(params, old_state, X, Y)
     with pytest.raises(DonatedValueError, match="donate=False"):
-        apply_gradients(tx, params, state, old_params, donate=True)
-    # The step keeps working with the values it returned.
-    params, state, loss = step(params, state, X, Y)
-    assert torch.isfinite(loss)
+        apply_gradients(tx, tree.map(torch.ones_like, params), old_state, params, donate=True)
+    # The step keeps working with the values it returned, on the remembered (hot) path too.
+    for _ in range(2):
+        params, state, loss = step(params, state, X, Y)
+    assert torch.isfinite(loss) and int(state[0].count) == 3
 
 
 def test_donated_step_reuses_the_param_and_state_buffers():
@@ -199,9 +201,103 @@ def test_donated_steps_recheck_replaced_params_and_edited_state():
     assert_trees_close((p, s), expected, rtol=1e-12, atol=1e-14)
     # gradients of another dtype, or aliasing a written buffer, are not taken by the remembered plan
     fast = tx.update._funcopt_fast_path
-    assert fast._replan(grads, s, p) is not None
-    assert fast._replan(tree.map(lambda x: x.float(), grads), s, p) is None
-    assert fast._replan(s[0].nu, s, p) is None
+    assert fast._memo.replan(fast, grads, s, p) is not None
+    assert fast._memo.replan(fast, tree.map(lambda x: x.float(), grads), s, p) is None
+    assert fast._memo.replan(fast, s[0].nu, s, p) is None
+
+
+def _hot_problem(tx):
+    _, params, loss_fn, _ = mlp_problem(torch.float64)
+    grads = torch.func.grad(loss_fn)(params)
+    p, s = apply_gradients(tx, grads, tx.init(params), _clone(params), donate=True)
+    return p, s, grads
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["resize", "data_swap", "requires_grad", "noncontiguous_grad", "grad_of_other_shape", "grad_requires_grad",
+     "grad_aliases_moment", "tuple_grads"],
+)
+def test_remembered_checks_catch_changes_between_donated_steps(edit):
+    """Each change between two donated steps makes the hot path plan from scratch (or fall back)
+    and gives the pure step's numbers, never a write through stale checks."""
+    tx = funcopt.adam(1e-2)
+    p, s, grads = _hot_problem(tx)
+    key = "0.weight"
+    if edit == "resize":
+        p[key].resize_(2)  # same memory, fewer elements: the kernel would write past them
+    elif edit == "data_swap":
+        p[key].data = p[key].clone() + 1
+    elif edit == "requires_grad":
+        p[key].requires_grad_()
+    elif edit == "noncontiguous_grad":
+        grads = dict(grads, **{key: grads[key].t().contiguous().t()})
+    elif edit == "grad_of_other_shape":
+        grads = dict(grads, **{key: grads[key].reshape(4, 8)})
+    elif edit == "grad_requires_grad":
+        grads = dict(grads, **{key: grads[key].clone().requires_grad_()})
+    elif edit == "grad_aliases_moment":
+        grads = dict(grads, **{key: s[0].mu[key]})
+    fast = tx.update._funcopt_fast_path
+    assert fast._memo is not None and fast._memo.state is s
+    if edit == "tuple_grads":
+        assert fast._memo.replan(fast, tuple(grads.values()), s, p) is None
+        return
+    assert fast._memo.replan(fast, grads, s, p) is None
+    if edit in ("resize", "grad_of_other_shape"):
+        with pytest.raises(RuntimeError, match="must match the size"):  # the reference path's error
+            apply_gradients(tx, grads, s, p, donate=True)
+        return
+    before = (tree.map(lambda x: x.detach().clone(), p), tree.map(torch.clone, s))
+    u, expected_state = tx.update(tree.map(lambda g: g.detach(), grads), *before[1:], before[0])
+    expected = funcopt.apply_updates(before[0], u)
+    got_p, got_s = apply_gradients(tx, grads, s, p, donate=True)
+    assert_trees_close(tree.map(torch.detach, got_p), expected, rtol=1e-12, atol=1e-14)
+    assert_trees_close(got_s, expected_state, rtol=1e-12, atol=1e-14)
+
+
+def test_hot_path_takes_a_new_dict_with_the_same_tensors_and_nested_trees():
+    """The remembered plan reads a flat dict by key and other trees by flattening."""
+    w = torch.randn(3, 2, dtype=torch.float64)
+    b = torch.randn(2, dtype=torch.float64)
+    for make in (lambda w, b: {"w": w, "b": b}, lambda w, b: {"layer": {"w": w, "b": b}}, lambda w, b: (w, b)):
+        params = make(w.clone(), b.clone())
+        tx = funcopt.sgd(0.1, momentum=0.9)
+        ref_p, ref_s = _clone(params), tx.init(params)
+        state = tx.init(params)
+        for k in range(3):
+            grads = make(torch.full_like(w, 0.5 + k), torch.full_like(b, -1.0 - k))
+            u, ref_s = tx.update(grads, ref_s, ref_p)
+            ref_p = funcopt.apply_updates(ref_p, u)
+            params, state = apply_gradients(tx, grads, state, params, donate=True)
+            if k >= 1:
+                assert tx.update._funcopt_fast_path._memo.state is state
+        assert_trees_close(params, ref_p, rtol=1e-13, atol=1e-15)
+        assert_trees_close(state, ref_s, rtol=1e-13, atol=1e-15)
+    # A dict with the keys in another insertion order is read in optree's (sorted) order.
+    params = {"b": b.clone(), "w": w.clone()}
+    tx = funcopt.sgd(0.1)
+    state = tx.init(params)
+    params, state = apply_gradients(tx, {"w": torch.ones_like(w), "b": torch.ones_like(b)}, state, params, donate=True)
+    params, state = apply_gradients(tx, {"b": torch.ones_like(b), "w": torch.ones_like(w)}, state, params, donate=True)
+    torch.testing.assert_close(params["w"], w - 0.2)
+    torch.testing.assert_close(params["b"], b - 0.2)
+
+
+def test_generic_donated_path_never_writes_params_the_new_state_holds():
+    """A transformation whose state keeps the params tensors must not see them change."""
+
+    def init(params):
+        return {"last": tree.map(torch.clone, params)}
+
+    def update(updates, state, params=None):
+        return tree.map(lambda g: -0.1 * g, updates), {"last": params}
+
+    tx = funcopt.GradientTransformation(init, update)
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    new_p, new_s = apply_gradients(tx, {"w": torch.ones(3, dtype=torch.float64)}, tx.init(params), params, donate=True)
+    torch.testing.assert_close(new_s["last"]["w"], torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(new_p["w"], torch.full((3,), 0.9, dtype=torch.float64))
 
 
 def test_step_gradients_equal_torch_func_including_aux_and_unused_params():

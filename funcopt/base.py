@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, NamedTuple, Protocol, Union
 
+import optree
 import torch
 
 from funcopt import tree as _tree
@@ -118,16 +120,48 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """Returns ``params + updates`` leaf-wise, like ``optax.apply_updates``.
 
     Each result keeps the dtype of its parameter. The two trees must have the same structure;
-    a mismatch raises ``ValueError`` naming the first differing path.
+    a mismatch raises ``ValueError`` naming the first differing path. Plain tensors of equal
+    dtype, shape and device, none requiring grad, are added with one multi-tensor
+    ``torch._foreach_add`` (the same numbers, less per-leaf overhead); elsewhere (under
+    ``torch.func`` transforms and ``torch.compile``, or for mixed leaves) leaf by leaf.
     """
-    if _tree.structure(params) != _tree.structure(updates):
+    p, spec = optree.tree_flatten(params, none_is_leaf=False)
+    u, u_spec = optree.tree_flatten(updates, none_is_leaf=False)
+    if u_spec != spec:
         _tree.check_same_structure(params, updates, ("params", "updates"))
+    if _can_add_together(p, u):
+        return optree.tree_unflatten(spec, torch._foreach_add(p, u))
 
     def _apply(p, u):
         out = p + u
         return out if out.dtype == p.dtype else out.to(p.dtype)
 
-    return _tree.map(_apply, params, updates)
+    return optree.tree_unflatten(spec, [_apply(a, b) for a, b in zip(p, u)])
+
+
+_PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
+_DTYPE = operator.attrgetter("dtype")
+_SHAPE = operator.attrgetter("shape")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _can_add_together(p: list[Any], u: list[Any]) -> bool:
+    """Whether ``torch._foreach_add(p, u)`` gives exactly ``[a + b for a, b in zip(p, u)]``."""
+    if len(p) < 2 or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    try:
+        return (
+            set(map(type, p)) <= _PLAIN_TENSORS
+            and set(map(type, u)) <= _PLAIN_TENSORS
+            and list(map(_DTYPE, p)) == list(map(_DTYPE, u))
+            and list(map(_SHAPE, p)) == list(map(_SHAPE, u))
+            and list(map(torch.Tensor.get_device, p)) == list(map(torch.Tensor.get_device, u))
+            and True not in map(_REQUIRES_GRAD, p)
+            and True not in map(_REQUIRES_GRAD, u)
+            and all(map(torch.Tensor.is_floating_point, p))
+        )
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def check_state(state: Any, expected: type, transform_name: str) -> None:

@@ -68,6 +68,10 @@ FAST_PATH_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "lion")
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _PLAIN_SET = frozenset(_PLAIN_TYPES)
+_Tensor = torch.Tensor
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _MAIN_STATES: dict[str, tuple[type, ...]] = {
     "sgd": (TraceState,),
     "adam": (ScaleByAdamState,),
@@ -151,7 +155,8 @@ def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns |
     with the dtype, shape and device of its leaf in the first list. With ``check_overlap``
     (when the kernels write into these buffers) no two may start at the same address (tied
     weights, one state tensor used twice). This is the fast path's per-step overhead, so
-    each list is checked with one comprehension compared against the first list's.
+    each property is read with one C-level ``map`` per list and compared with the first
+    list's.
     """
     first = lists[0]
     n = len(first)
@@ -163,35 +168,34 @@ def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns |
     try:
         if not {type(t) for column in lists for t in column} <= _PLAIN_SET:
             return None
-        reference = [(t.dtype, t.shape, t.get_device(), True, False) for t in first]
+        dtypes = list(map(_DTYPE, first))
+        shapes = list(map(_SHAPE, first))
+        devices = list(map(_Tensor.get_device, first))
         for column in lists:
             # is_contiguous raises for sparse layouts (caught below)
-            if len(column) != n or reference != [
-                (t.dtype, t.shape, t.get_device(), t.is_contiguous(), t.requires_grad) for t in column
-            ]:
+            if (
+                len(column) != n
+                or (column is not first and list(map(_DTYPE, column)) != dtypes)
+                or (column is not first and list(map(_SHAPE, column)) != shapes)
+                or (column is not first and list(map(_Tensor.get_device, column)) != devices)
+                or not all(map(_Tensor.is_contiguous, column))
+                or True in map(_REQUIRES_GRAD, column)
+            ):
                 return None
     except (AttributeError, RuntimeError):
         return None
     if check_overlap:
-        pointers = [t.data_ptr() for column in lists for t in column]
+        pointers = [p for column in lists for p in map(_Tensor.data_ptr, column)]
         if len(set(pointers)) != len(pointers):
             return None
+    if len(set(dtypes)) == 1:
+        return _Columns([list(range(n))], t0.device) if dtypes[0] in _FLOAT_DTYPES else None
     groups: dict[torch.dtype, list[int]] = {}
-    for i, (dtype, *_) in enumerate(reference):
+    for i, dtype in enumerate(dtypes):
         if dtype not in _FLOAT_DTYPES:
             return None
         groups.setdefault(dtype, []).append(i)
     return _Columns(list(groups.values()), t0.device)
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    one = _ONES.get(device)
-    if one is None:
-        one = _ONES[device] = torch.ones((), dtype=torch.int64, device=device)
-    return one
 
 
 def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
@@ -249,6 +253,7 @@ def _adam_kernel(h, lr, p, g, mu, nu, nu_max, step, donate, decoupled):
 
 
 def _sgd_kernel(h, lr, p, g, buf, first, donate):
+    """SGD; returns (out, momentum buffers), the buffers new lists where pure."""
     wd, maximize = h["weight_decay"], h["maximize"]
     momentum = h["momentum"] if buf is not None else 0.0
     kwargs = dict(
@@ -256,14 +261,20 @@ def _sgd_kernel(h, lr, p, g, buf, first, donate):
     )
     if donate:
         torch._fused_sgd_(p, g, buf or [], weight_decay=wd, maximize=maximize, **kwargs)
-        return p
+        return p, buf
     if wd:
         g, maximize = _fold_l2(g, p, wd, maximize), False
     if buf is None:
-        return torch._foreach_mul(g, lr if maximize else -lr)
+        return torch._foreach_mul(g, lr if maximize else -lr), None
+    if h["dampening"] == 0 and not h["nesterov"] and not maximize:
+        # Two passes instead of the kernel's four (zeroed output, buffer copy, kernel, add):
+        # the new buffer g + momentum * buf, then the update -lr * buffer.
+        new_buf = [x.clone() for x in g] if first else torch._foreach_add(g, buf, alpha=momentum)
+        return torch._foreach_mul(new_buf, -lr), new_buf
     out = [torch.zeros_like(x) for x in g]
-    torch._fused_sgd_(out, g, buf, weight_decay=0.0, maximize=maximize, **kwargs)
-    return out
+    new_buf = [torch.empty_like(x) for x in g] if first else [x.clone() for x in buf]
+    torch._fused_sgd_(out, g, new_buf, weight_decay=0.0, maximize=maximize, **kwargs)
+    return out, new_buf
 
 
 def _adagrad_kernel(h, lr, p, g, acc, step, donate):
@@ -538,7 +549,7 @@ class _FastPath:
         if kind in ("adam", "adamw"):
             step = new_counts[ScaleByAdamState]
         elif kind == "adagrad":
-            step = _one(plan.columns.device)  # only read, and unused with lr_decay=0
+            step = torch.ones((), dtype=torch.int64, device=plan.columns.device)  # unused: lr_decay=0
         first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
         groups = plan.columns.groups
         if donate and len(groups) == 1:  # the common case, with no re-indexing
@@ -550,17 +561,13 @@ class _FastPath:
         new_buffers: dict[str, list[Any] | None] = {
             k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
         }
-        copy_state = not donate and kind in ("adam", "adamw", "sgd", "adagrad")
+        copy_state = not donate and kind in ("adam", "adamw", "adagrad")
         for idx in groups:
             g = _pick(plan.g, idx)
             p = _pick(plan.p, idx) if plan.p is not None else None
             bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
             if copy_state:
-                fresh_sgd = kind == "sgd" and first
-                bufs = {
-                    k: (None if v is None else [torch.empty_like(x) if fresh_sgd else x.clone() for x in v])
-                    for k, v in bufs.items()
-                }
+                bufs = {k: (None if v is None else [x.clone() for x in v]) for k, v in bufs.items()}
             res = self._kernel(plan, p, g, bufs, step, first, donate)
             if len(idx) == n:  # one dtype group: the lists are already in leaf order
                 out, new_buffers = list(res), bufs
@@ -590,7 +597,8 @@ class _FastPath:
         if kind in ("adam", "adamw"):
             return _adam_kernel(h, lr, p, g, bufs["mu"], bufs["nu"], bufs["nu_max"], step, donate, kind == "adamw")
         if kind == "sgd":
-            return _sgd_kernel(h, lr, p, g, bufs["buf"], first, donate)
+            res, bufs["buf"] = _sgd_kernel(h, lr, p, g, bufs["buf"], first, donate)
+            return res
         if kind == "adagrad":
             return _adagrad_kernel(h, lr, p, g, bufs["acc"], step, donate)
         if kind == "rmsprop":
@@ -815,10 +823,6 @@ class _Memo(NamedTuple):
 
 
 _COUNTED = (ScaleByAdamState, TraceState, ScaleByLionState, "schedule")
-_Tensor = torch.Tensor
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 def _container_leaves(subtree: Any) -> list[Any]:

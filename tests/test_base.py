@@ -108,3 +108,22 @@ def test_extra_args_are_accepted_by_every_block():
     ]:
         u, _ = tx.update(g, tx.init(g), g, value=1.0, grad=g, value_fn=lambda p: 0.0)
         assert torch.isfinite(u["w"]).all()
+
+
+def test_apply_updates_multi_tensor_path_equals_leafwise_and_is_pure():
+    """Plain equal-dtype leaves go through one torch._foreach_add; mixed leaves leaf by leaf."""
+    gen = torch.Generator().manual_seed(3)
+    params = {"w": torch.nn.Parameter(torch.randn(3, 2, generator=gen), requires_grad=False),
+              "b": torch.randn(2, generator=gen), "s": torch.randn((), generator=gen)}
+    updates = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+    before = {k: v.clone() for k, v in params.items()}
+    out = funcopt.apply_updates(params, updates)
+    for k in params:
+        assert torch.equal(out[k], before[k] + updates[k]) and out[k] is not params[k]
+        assert type(out[k]) is torch.Tensor and torch.equal(params[k], before[k])
+    # float64 updates on float32 params: leaf by leaf, cast back to the params' dtype
+    mixed = funcopt.apply_updates(params, {k: v.double() for k, v in updates.items()})
+    assert all(mixed[k].dtype == torch.float32 for k in mixed)
+    # params requiring grad keep the graph (leaf by leaf)
+    leafy = {k: v.clone().requires_grad_() for k, v in before.items()}
+    assert all(x.requires_grad for x in funcopt.apply_updates(leafy, updates).values())

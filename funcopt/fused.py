@@ -28,6 +28,11 @@ where it is valid, and the reference path runs otherwise:
 - the state has the layout this optimizer's ``init`` builds.
 
 Use :func:`fast_path_enabled` to force the reference path (e.g. to compare the two).
+
+This module holds the switch, the dispatch (``_FastPath``) and the public helpers; the
+checks and the step plan are in ``funcopt.fused_checks``, the kernels in
+``funcopt.fused_kernels`` and the remembered checks of donated steps in
+``funcopt.fused_memo``.
 """
 
 from __future__ import annotations
@@ -35,15 +40,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import operator
 import threading
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 from collections.abc import Iterator
 
 import optree
 import torch
 
-from funcopt.base import EmptyState, GradientTransformation, PyTree
+from funcopt.base import GradientTransformation, PyTree
+from funcopt.fused_checks import (
+    _BOOL_ARGS,
+    _FLOAT_ARGS,
+    _absent,
+    _columns,
+    _count_ok,
+    _flatten,
+    _in_traced_context,
+    _is_python_zero,
+    _parse_chain_state,
+    _pick,
+    _Plan,
+    _scalar,
+)
+from funcopt.fused_kernels import _adagrad_kernel, _adam_kernel, _lion_kernel, _rmsprop_kernel, _sgd_kernel
+from funcopt.fused_memo import _Memo, _with_counts
 from funcopt.transforms import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -64,23 +84,6 @@ __all__ = [
 
 FAST_PATH_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "lion")
 """Names of the optimizers that have a fast path."""
-
-_FLOAT_DTYPES = (torch.float32, torch.float64)
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_PLAIN_SET = frozenset(_PLAIN_TYPES)
-_Tensor = torch.Tensor
-_SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_REQUIRES_GRAD = operator.attrgetter("requires_grad")
-_MAIN_STATES: dict[str, tuple[type, ...]] = {
-    "sgd": (TraceState,),
-    "adam": (ScaleByAdamState,),
-    "adamw": (ScaleByAdamState,),
-    "adagrad": (ScaleByRssState,),
-    "rmsprop": (ScaleByRmsState, TraceState),
-    "lion": (ScaleByLionState,),
-}
-
 
 class _Switch(threading.local):
     enabled = True
@@ -109,292 +112,6 @@ def fast_path_enabled(enabled: bool) -> Iterator[None]:
     finally:
         _SWITCH.enabled = previous
 
-
-# ---------------------------------------------------------------------------------------------
-# When the fast path applies
-
-
-def _in_traced_context() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return bool(torch._C._are_functorch_transforms_active())
-
-
-def _flatten(tree: PyTree) -> tuple[list[Any], Any]:
-    return optree.tree_flatten(tree, none_is_leaf=False)
-
-
-def _scalar(x: Any) -> float | None:
-    """A hyperparameter as a Python float, or None where the fast path must not read it."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, (int, float)):
-        return float(x)
-    if (
-        type(x) in _PLAIN_TYPES
-        and x.dim() == 0
-        and not x.requires_grad
-        and not x.is_complex()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    ):
-        return float(x)
-    return None
-
-
-class _Columns(NamedTuple):
-    """Flat, aligned lists of one step's tensors, grouped by dtype (the kernels need one)."""
-
-    groups: list[list[int]]
-    device: torch.device
-
-
-def _columns(lists: list[list[torch.Tensor]], check_overlap: bool) -> _Columns | None:
-    """Checks aligned leaf lists (params, grads, state buffers) and groups their indices by dtype.
-
-    Every tensor must be a plain dense contiguous float32/float64 tensor not requiring grad,
-    with the dtype, shape and device of its leaf in the first list. With ``check_overlap``
-    (when the kernels write into these buffers) no two may start at the same address (tied
-    weights, one state tensor used twice). This is the fast path's per-step overhead, so
-    each property is read with one C-level ``map`` per list and compared with the first
-    list's.
-    """
-    first = lists[0]
-    n = len(first)
-    if n == 0:
-        return None
-    t0 = first[0]
-    if type(t0) not in _PLAIN_TYPES or t0.device.type not in ("cpu", "cuda"):
-        return None
-    try:
-        if not {type(t) for column in lists for t in column} <= _PLAIN_SET:
-            return None
-        dtypes = list(map(_DTYPE, first))
-        shapes = list(map(_SHAPE, first))
-        devices = list(map(_Tensor.get_device, first))
-        for column in lists:
-            # is_contiguous raises for sparse layouts (caught below)
-            if (
-                len(column) != n
-                or (column is not first and list(map(_DTYPE, column)) != dtypes)
-                or (column is not first and list(map(_SHAPE, column)) != shapes)
-                or (column is not first and list(map(_Tensor.get_device, column)) != devices)
-                or not all(map(_Tensor.is_contiguous, column))
-                or True in map(_REQUIRES_GRAD, column)
-            ):
-                return None
-    except (AttributeError, RuntimeError):
-        return None
-    if check_overlap:
-        pointers = [p for column in lists for p in map(_Tensor.data_ptr, column)]
-        if len(set(pointers)) != len(pointers):
-            return None
-    if len(set(dtypes)) == 1:
-        return _Columns([list(range(n))], t0.device) if dtypes[0] in _FLOAT_DTYPES else None
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, dtype in enumerate(dtypes):
-        if dtype not in _FLOAT_DTYPES:
-            return None
-        groups.setdefault(dtype, []).append(i)
-    return _Columns(list(groups.values()), t0.device)
-
-
-def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-    return column if len(idx) == len(column) else [column[i] for i in idx]
-
-
-def _parse_chain_state(kind: str, state: Any) -> dict[Any, int] | None:
-    """Positions of the known entries of a chain state, or None if the layout is unexpected."""
-    if type(state) is not tuple:
-        return None
-    found: dict[Any, int] = {}
-    allowed = _MAIN_STATES[kind]
-    last = len(state) - 1
-    for i, s in enumerate(state):
-        t = type(s)
-        if t is EmptyState:
-            continue
-        if t is ScaleByScheduleState and i == last:
-            found["schedule"] = i
-        elif t in allowed and t not in found:
-            found[t] = i
-        else:
-            return None
-    return found
-
-
-# ---------------------------------------------------------------------------------------------
-# Kernels. Each takes flat leaf lists for one dtype group and either returns fresh update
-# tensors (pure) or writes the new params into ``p`` (donate). State buffers are written in
-# place; in the pure case the caller passes fresh copies.
-
-
-def _fold_l2(g: list[torch.Tensor], p: list[torch.Tensor], wd: float, maximize: bool) -> list[torch.Tensor]:
-    """Fresh ``(-g if maximize else g) + wd * p`` (L2 weight decay added to the gradient)."""
-    out = torch._foreach_neg(g) if maximize else [x.clone() for x in g]
-    torch._foreach_add_(out, p, alpha=wd)
-    return out
-
-
-def _adam_kernel(h, lr, p, g, mu, nu, nu_max, step, donate, decoupled):
-    wd, maximize = h["weight_decay"], h["maximize"]
-    steps = [step] * len(g)
-    common = dict(beta1=h["b1"], beta2=h["b2"], eps=h["eps"], amsgrad=nu_max is not None)
-    if donate:
-        fn = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        fn(p, g, mu, nu, nu_max or [], steps, lr=lr, weight_decay=wd, maximize=maximize, **common)
-        return p
-    if wd and not decoupled:
-        g, maximize = _fold_l2(g, p, wd, maximize), False
-    out = [torch.zeros_like(x) for x in g]
-    torch._fused_adam_(out, g, mu, nu, nu_max or [], steps, lr=lr, weight_decay=0.0, maximize=maximize, **common)
-    if wd and decoupled:
-        torch._foreach_add_(out, p, alpha=-lr * wd)
-    return out
-
-
-def _sgd_kernel(h, lr, p, g, buf, first, donate):
-    """SGD; returns (out, momentum buffers), the buffers new lists where pure."""
-    wd, maximize = h["weight_decay"], h["maximize"]
-    momentum = h["momentum"] if buf is not None else 0.0
-    kwargs = dict(
-        momentum=momentum, lr=lr, dampening=h["dampening"], nesterov=h["nesterov"], is_first_step=first
-    )
-    if donate:
-        torch._fused_sgd_(p, g, buf or [], weight_decay=wd, maximize=maximize, **kwargs)
-        return p, buf
-    if wd:
-        g, maximize = _fold_l2(g, p, wd, maximize), False
-    if buf is None:
-        return torch._foreach_mul(g, lr if maximize else -lr), None
-    if h["dampening"] == 0 and not h["nesterov"] and not maximize:
-        # Two passes instead of the kernel's four (zeroed output, buffer copy, kernel, add):
-        # the new buffer g + momentum * buf, then the update -lr * buffer.
-        new_buf = [x.clone() for x in g] if first else torch._foreach_add(g, buf, alpha=momentum)
-        return torch._foreach_mul(new_buf, -lr), new_buf
-    out = [torch.zeros_like(x) for x in g]
-    new_buf = [torch.empty_like(x) for x in g] if first else [x.clone() for x in buf]
-    torch._fused_sgd_(out, g, new_buf, weight_decay=0.0, maximize=maximize, **kwargs)
-    return out, new_buf
-
-
-def _adagrad_kernel(h, lr, p, g, acc, step, donate):
-    wd, maximize = h["weight_decay"], h["maximize"]
-    steps = [step] * len(g)
-    if donate:
-        torch._fused_adagrad_(p, g, acc, steps, lr=lr, lr_decay=0.0, weight_decay=wd, eps=h["eps"], maximize=maximize)
-        return p
-    if wd:
-        g, maximize = _fold_l2(g, p, wd, maximize), False
-    out = [torch.zeros_like(x) for x in g]
-    torch._fused_adagrad_(out, g, acc, steps, lr=lr, lr_decay=0.0, weight_decay=0.0, eps=h["eps"], maximize=maximize)
-    return out
-
-
-def _signed_grads(h, p, g):
-    """The gradient after the chain's sign flip and L2 term (``g`` itself, read-only, if neither)."""
-    wd, maximize = h.get("weight_decay", 0.0), h.get("maximize", False)
-    if wd:
-        return _fold_l2(g, p, wd, maximize)
-    return torch._foreach_neg(g) if maximize else g
-
-
-def _rmsprop_kernel(h, lr, p, g, nu, mu, buf, first, donate):
-    """RMSprop with ``torch._foreach_*`` ops; returns (out, nu, mu, buf), new lists where pure."""
-    g = _signed_grads(h, p, g)
-    w = 1 - h["alpha"]
-    g2 = torch._foreach_mul(g, g)
-    if donate:
-        torch._foreach_lerp_(nu, g2, w)
-    else:
-        nu = torch._foreach_lerp(nu, g2, w)
-    if mu is not None:
-        if donate:
-            torch._foreach_lerp_(mu, g, w)
-        else:
-            mu = torch._foreach_lerp(mu, g, w)
-        denom = g2  # reuse the scratch: denom = sqrt(nu - mu * mu)
-        torch._foreach_copy_(denom, mu)
-        torch._foreach_mul_(denom, mu)
-        torch._foreach_sub_(denom, nu)
-        torch._foreach_neg_(denom)
-        torch._foreach_sqrt_(denom)
-    else:
-        denom = torch._foreach_sqrt(nu)
-        del g2
-    torch._foreach_add_(denom, h["eps"])
-    direction = torch._foreach_div(g, denom)
-    del denom
-    if buf is not None:
-        if donate:
-            if first:
-                torch._foreach_copy_(buf, direction)
-            else:
-                torch._foreach_mul_(buf, h["momentum"])
-                torch._foreach_add_(buf, direction)
-        elif first:
-            buf = direction
-        else:
-            buf = torch._foreach_mul(buf, h["momentum"])
-            torch._foreach_add_(buf, direction)
-        direction = buf
-    if donate:
-        torch._foreach_add_(p, direction, alpha=-lr)
-        return p, nu, mu, buf
-    return torch._foreach_mul(direction, -lr), nu, mu, buf
-
-
-def _lion_kernel(h, lr, p, g, mu, donate):
-    """Lion with ``torch._foreach_*`` ops; returns (out, mu), new lists where pure."""
-    direction = torch._foreach_lerp(mu, g, 1 - h["b1"])
-    torch._foreach_sign_(direction)
-    if donate:
-        torch._foreach_lerp_(mu, g, 1 - h["b2"])
-    else:
-        mu = torch._foreach_lerp(mu, g, 1 - h["b2"])
-    wd = h["weight_decay"]
-    if wd:
-        torch._foreach_add_(direction, p, alpha=wd)
-    if donate:
-        torch._foreach_add_(p, direction, alpha=-lr)
-        return p, mu
-    torch._foreach_mul_(direction, -lr)
-    return direction, mu
-
-
-# ---------------------------------------------------------------------------------------------
-# Dispatch
-
-_FLOAT_ARGS = {
-    "sgd": ("momentum", "dampening", "weight_decay"),
-    "adam": ("b1", "b2", "eps", "weight_decay"),
-    "adamw": ("b1", "b2", "eps", "weight_decay"),
-    "adagrad": ("eps", "weight_decay"),
-    "rmsprop": ("alpha", "eps", "weight_decay", "momentum"),
-    "lion": ("b1", "b2", "weight_decay"),
-}
-_BOOL_ARGS = ("nesterov", "maximize", "amsgrad", "centered")
-
-
-def _count_ok(count: Any, device: torch.device) -> bool:
-    return (
-        type(count) is torch.Tensor
-        and count.dim() == 0
-        and count.dtype == torch.int64
-        and count.device == device
-        and not torch._C._functorch.is_functorch_wrapped_tensor(count)
-    )
-
-
-class _Plan(NamedTuple):
-    h: dict[str, Any]
-    lr: float
-    spec: Any
-    columns: _Columns
-    p: list[torch.Tensor] | None
-    g: list[torch.Tensor]
-    buffers: dict[str, list[torch.Tensor] | None]
-    counts: dict[Any, torch.Tensor]
-    positions: dict[Any, int]
 
 
 class _FastPath:
@@ -713,154 +430,6 @@ class _FastPath:
         if self._static_h is not None:
             self._memo = _Memo.of(new_state, plan, params, out, self.kind)
         return out, new_state, list(plan.counts.values()), plan.spec
-
-
-class _LeafReader:
-    """Reads the leaves of trees with one known structure, faster than flattening them.
-
-    For a flat ``dict`` of leaves (what ``funcopt.nn.extract`` returns) the leaves are read with
-    one ``operator.itemgetter`` in optree's (sorted-key) order; other trees are flattened and
-    their structure compared. ``leaves`` returns None for a tree of another structure.
-    """
-
-    def __init__(self, tree: PyTree, spec: Any):
-        self.spec = spec
-        self.n = spec.num_leaves
-        self.getter: Callable[[dict], Any] | None = None
-        if type(tree) is dict and spec.num_nodes == self.n + 1 == len(tree) + 1 and self.n > 1:
-            order = [path[0] for path in optree.tree_paths(tree, none_is_leaf=False)]
-            self.getter = operator.itemgetter(*order)
-
-    def leaves(self, tree: PyTree) -> list[Any] | None:
-        if self.getter is not None and type(tree) is dict and len(tree) == self.n:
-            try:
-                return list(self.getter(tree))
-            except (KeyError, TypeError):
-                return None
-        leaves, spec = _flatten(tree)
-        return leaves if spec == self.spec else None
-
-
-class _Memo(NamedTuple):
-    """What a donated step checked, kept for the next step (see :meth:`replan`).
-
-    It holds the state that step returned (so the state's memory stays alive until the next
-    donated step of this optimizer or until the optimizer is dropped).
-    """
-
-    state: tuple
-    plan: _Plan
-    reader: _LeafReader
-    pointers: list[int]  # data_ptr of each params buffer written
-    shapes: list[torch.Size]  # of the params, which the gradients must share
-    dtypes: list[torch.dtype]  # of the params, which the gradients must share
-    devices: list[int]  # of the params (``get_device()``), which the gradients must share
-    written: frozenset[int]  # data_ptr of every buffer the kernels write
-    containers: tuple[tuple[Any, list[torch.Tensor]], ...]  # state subtrees and their leaves
-
-    @staticmethod
-    def of(state: tuple, plan: _Plan, params: PyTree, out: list[torch.Tensor], kind: str) -> _Memo:
-        containers = tuple(
-            (subtree, _container_leaves(subtree))
-            for name, leaves in plan.buffers.items()
-            if leaves is not None
-            for subtree in (_buffer_tree(kind, name, state, plan.positions),)
-        )
-        return _Memo(
-            state,
-            plan._replace(g=[], p=None, counts={}),
-            _LeafReader(params, plan.spec),
-            [t.data_ptr() for t in out],
-            [t.shape for t in out],
-            [t.dtype for t in out],
-            [t.get_device() for t in out],
-            frozenset(t.data_ptr() for b in plan.buffers.values() if b is not None for t in b)
-            | frozenset(t.data_ptr() for t in out),
-            containers,
-        )
-
-    def replan(self, fp: _FastPath, grads: PyTree, state: tuple, params: PyTree) -> _Plan | None:
-        """The remembered plan with this step's params, gradients, counts and learning rate, or
-        None where anything it relied on changed (the caller then plans from scratch).
-
-        ``state`` is the state the remembered step returned. Checked again: the params are
-        plain tensors in the same memory with the same shapes, not requiring grad (so in-place
-        resizes, ``.data`` swaps and ``requires_grad_()`` are caught); the gradients are plain
-        contiguous tensors of the params' shapes, dtypes and device, not requiring grad and not
-        aliasing a written buffer; the state's containers still hold the same buffers.
-        """
-        old = self.plan
-        p = self.reader.leaves(params)
-        g = self.reader.leaves(grads)
-        if p is None or g is None:
-            return None
-        try:  # one C-level map per property: the per-step cost of this path
-            if (
-                not set(map(type, p)) <= _PLAIN_SET
-                or not set(map(type, g)) <= _PLAIN_SET
-                or list(map(_Tensor.data_ptr, p)) != self.pointers
-                or list(map(_SHAPE, p)) != self.shapes
-                or list(map(_SHAPE, g)) != self.shapes
-                or True in map(_REQUIRES_GRAD, p)
-                or True in map(_REQUIRES_GRAD, g)
-                or list(map(_DTYPE, g)) != self.dtypes
-                or list(map(_Tensor.get_device, g)) != self.devices
-                or not all(map(_Tensor.is_contiguous, g))
-                or not self.written.isdisjoint(map(_Tensor.data_ptr, g))
-            ):
-                return None
-        except (AttributeError, RuntimeError, TypeError):
-            return None
-        for subtree, leaves in self.containers:
-            current = _container_leaves(subtree)
-            if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
-                return None
-        lr = fp._learning_rate(state, old.positions)
-        if lr is None:
-            return None
-        counts = {k: state[old.positions[k]].count for k in _COUNTED if k in old.positions}
-        return old._replace(lr=lr, p=p, g=g, counts=counts)
-
-
-_COUNTED = (ScaleByAdamState, TraceState, ScaleByLionState, "schedule")
-
-
-def _container_leaves(subtree: Any) -> list[Any]:
-    """The leaves of a state subtree, in insertion order for a flat dict (cheap), else optree's."""
-    if type(subtree) is dict:
-        return list(subtree.values())
-    return _flatten(subtree)[0]
-
-
-def _with_counts(state: tuple, positions: dict[Any, int], counts: dict[Any, torch.Tensor]) -> tuple:
-    """The chain state with new step counts and every other entry (and container) unchanged."""
-    entries = list(state)
-    for key, count in counts.items():
-        i = positions[key]
-        entries[i] = ScaleByScheduleState(count) if key == "schedule" else entries[i]._replace(count=count)
-    return tuple(entries)
-
-
-def _buffer_tree(kind: str, name: str, state: tuple, positions: dict[Any, int]) -> Any:
-    """The subtree of the chain state holding the buffer ``name`` (as ``plan`` reads it)."""
-    if name == "buf":
-        return state[positions[TraceState]].momentum_buffer
-    if name == "acc":
-        return state[positions[ScaleByRssState]].sum_of_squares
-    if kind in ("adam", "adamw"):
-        return getattr(state[positions[ScaleByAdamState]], name)
-    if kind == "rmsprop":
-        return getattr(state[positions[ScaleByRmsState]], name)
-    return state[positions[ScaleByLionState]].mu
-
-
-def _absent(x: Any) -> bool:
-    """An unused optional state field: ``()`` (what funcopt's transforms store) or ``None``."""
-    return x is None or (type(x) is tuple and len(x) == 0)
-
-
-def _is_python_zero(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
 
 def _fast_path_of(tx: GradientTransformation) -> _FastPath | None:

@@ -3,14 +3,15 @@
 Trains a 64-256-256-10 MLP on scikit-learn's bundled 8x8 digits with Adam three ways and
 checks that they agree:
 
-- ``make_step(loss_fn, tx)`` (donate=True, the default): the step gives the old params and
+- ``make_step(loss_fn, tx)`` (donate=True, the default): the step gives the params and the
   optimizer state's buffers to torch's fused Adam kernel, which updates them in place;
 - ``make_step(loss_fn, tx, donate=False)``: the pure step, which leaves its inputs untouched;
 - ``torch.optim.Adam(fused=True)`` on an identical ``nn.Module``, the usual PyTorch loop.
 
 It prints the test accuracy, the largest parameter difference between the three runs, and the
 median time per step of each. Donation's one rule: always rebind the results,
-``params, opt_state, loss = step(params, opt_state, x, y)``; the old values are emptied.
+``params, opt_state, loss = step(params, opt_state, x, y)``; the params tensors now hold the
+new values (clone before the call what you want to keep) and the old opt_state is invalid.
 
 Run:  python examples/train_step_donation.py          (20 epochs, about a minute on 2 cores)
       python examples/train_step_donation.py --fast   (CI smoke run, a few seconds)

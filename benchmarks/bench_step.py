@@ -111,7 +111,10 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
         box["s"] = tx.init(box["p"])
         grads_tree = {k: g.clone() for k, g in zip(keys, grads)}
 
-        if mode == "donated":  # on the shared buffers, with torch's state tensors as its state
+        if mode == "pure_step":
+            def step():
+                box["p"], box["s"] = apply_gradients(tx, grads_tree, box["s"], box["p"])
+        elif mode == "donated":  # on the shared buffers, with torch's state tensors as its state
             box["p"] = {k: p.detach() for k, p in zip(keys, shared)}
             grads_tree = {k: p.grad for k, p in zip(keys, shared)}
             torch_state = [fused_opt.state[p] for p in shared]
@@ -147,6 +150,7 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
 
     funcopt_row("funcopt update+apply, reference path", "reference")
     funcopt_row("funcopt update+apply, fast path (pure)", "fast")
+    funcopt_row("funcopt apply_gradients(donate=False) (pure step)", "pure_step")
     funcopt_row("funcopt apply_gradients(donate=True)", "donated")
     if compile_row:
         funcopt_row("torch.compile(funcopt update+apply)", "compiled")

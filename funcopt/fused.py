@@ -254,11 +254,15 @@ class _FastPath:
 
     # -- execution ------------------------------------------------------------------------
 
-    def run(self, plan: _Plan, state: tuple, donate: bool) -> tuple[list[torch.Tensor], tuple]:
+    def run(
+        self, plan: _Plan, state: tuple, donate: bool, new_containers: bool = False
+    ) -> tuple[list[torch.Tensor], tuple]:
         """Runs the kernels; returns (flat outputs, new chain state).
 
         The outputs are the new params (``donate``, written into the params buffers) or fresh
-        updates (pure). Pure runs never write into ``plan``'s input tensors.
+        updates (pure). Pure runs never write into ``plan``'s input tensors. A donating run
+        hands the state's containers on as they are, or, with ``new_containers``, builds new
+        ones around ``plan``'s buffers (for :meth:`pure_step`, whose buffers are copies).
         """
         kind = self.kind
         new_counts = {k: c + 1 for k, c in plan.counts.items()}
@@ -270,7 +274,10 @@ class _FastPath:
         first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
         groups = plan.columns.groups
         if donate and len(groups) == 1:  # the common case, with no re-indexing
-            self._kernel(plan, plan.p, plan.g, dict(plan.buffers), step, first, True)
+            bufs = dict(plan.buffers)
+            self._kernel(plan, plan.p, plan.g, bufs, step, first, True)
+            if new_containers:
+                return plan.p, self._new_state(plan, state, bufs, new_counts)
             # the buffers were written in place: their containers are handed on as they are
             return plan.p, _with_counts(state, plan.positions, new_counts)
         n = len(plan.g)
@@ -294,7 +301,7 @@ class _FastPath:
                 for k, v in bufs.items():
                     if v is not None:
                         new_buffers[k][i] = v[j]
-        if donate:  # the buffers were written in place: their containers are handed on as they are
+        if donate and not new_containers:  # written in place: the containers are handed on
             return out, _with_counts(state, plan.positions, new_counts)
         return out, self._new_state(plan, state, new_buffers, new_counts)
 
@@ -365,6 +372,28 @@ class _FastPath:
                 out, new_state = self.run(plan, state, donate=False)
                 return optree.tree_unflatten(plan.spec, out), new_state
         return self.reference.update(updates, state, params, **extra_args)
+
+    def pure_step(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
+        """``update`` followed by ``apply_updates`` in one pure step: returns (new params, new
+        state), or None where the fast path does not apply.
+
+        The kernels run as in a donated step, on fresh copies of the params and the state
+        buffers, so the new params come straight out of the kernel: no zeroed update buffer
+        and no separate addition (for Adam 64 bytes moved per element instead of 76). The
+        numbers are those of the donated step and of ``update`` + ``apply_updates`` on the
+        fast path. Nothing passed in is written.
+        """
+        if not self.usable():
+            return None
+        plan = self.plan(grads, state, params, donate=True)
+        if plan is None:
+            return None
+        copies = plan._replace(
+            p=[x.clone() for x in plan.p],
+            buffers={k: (None if v is None else [x.clone() for x in v]) for k, v in plan.buffers.items()},
+        )
+        out, new_state = self.run(copies, state, donate=True, new_containers=True)
+        return optree.tree_unflatten(plan.spec, out), new_state
 
     def returned(self, state: Any) -> bool:
         """Whether ``state`` is the state this optimizer's last donated step returned."""

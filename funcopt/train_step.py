@@ -179,8 +179,13 @@ def apply_gradients(
             return params, new_state
     param_leaves = _tree.leaves(params)
     state_leaves = _tree.leaves(opt_state)
-    donatable = _scan(params, opt_state, param_leaves + state_leaves, len(param_leaves))
+    donatable = _scan(params, opt_state, param_leaves + state_leaves, len(param_leaves))  # raises if donated
     if not donate or not donatable:
+        # The pure step: with a fast path, the kernels write fresh copies of the params and
+        # state (no update buffer, no separate addition); otherwise update + apply_updates.
+        stepped = fast.pure_step(grads, opt_state, params) if fast is not None else None
+        if stepped is not None:
+            return stepped
         updates, new_state = tx.update(grads, opt_state, params, **extra_args)
         return apply_updates(params, updates), new_state
     result = fast.donated_run(grads, opt_state, params) if fast is not None else None

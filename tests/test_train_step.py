@@ -320,3 +320,46 @@ def test_step_gradients_equal_torch_func_including_aux_and_unused_params():
     # a loss that does not depend on the params gives zero gradients, as torch.func does
     p, _, _ = make_step(lambda p: torch.tensor(1.0), tx, donate=False)(params, tx.init(params))
     assert_trees_equal(p, params)
+
+
+FAST_KINDS = {
+    "adam": lambda: funcopt.adam(1e-2),
+    "adamw_amsgrad": lambda: funcopt.adamw(1e-2, amsgrad=True),
+    "adam_l2_maximize": lambda: funcopt.adam(1e-2, weight_decay=0.1, maximize=True),
+    "sgd_momentum": lambda: funcopt.sgd(0.1, momentum=0.9),
+    "sgd_nesterov_l2": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd_plain": lambda: funcopt.sgd(0.1),
+    "adagrad": lambda: funcopt.adagrad(0.1),
+    "rmsprop_centered": lambda: funcopt.rmsprop(1e-2, centered=True, momentum=0.5),
+    "lion": lambda: funcopt.lion(1e-3, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pure_apply_gradients_runs_the_kernels_on_copies(name, dtype):
+    """apply_gradients(donate=False) with a fast path: the kernels write fresh copies of the
+    params and state; the result equals update + apply_updates (fast and reference paths),
+    the inputs keep their values and version counters, and nothing in the result aliases them."""
+    _, params, loss_fn, _ = mlp_problem(dtype)
+    tx = FAST_KINDS[name]()
+    state = tx.init(params)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    fast = tx.update._funcopt_fast_path
+    for _ in range(3):
+        grads = torch.func.grad(loss_fn)(params)
+        assert fast.pure_step(grads, state, params) is not None  # the kernels' path applies
+        before = snapshot((params, state, grads))
+        versions = [x._version for x in tree.leaves((params, state, grads))]
+        new_p, new_s = apply_gradients(tx, grads, state, params)
+        assert_trees_equal((params, state, grads), before)
+        assert versions == [x._version for x in tree.leaves((params, state, grads))]
+        inputs = {x.data_ptr() for x in tree.leaves((params, state, grads)) if x.numel()}
+        assert not inputs & {x.data_ptr() for x in tree.leaves((new_p, new_s)) if x.numel()}
+        u, s_fast = tx.update(grads, state, params)
+        assert_trees_close((new_p, new_s), (funcopt.apply_updates(params, u), s_fast), **tol)
+        with funcopt.fused.fast_path_enabled(False):
+            u, s_ref = tx.update(grads, state, params)
+        assert_trees_close((new_p, new_s), (funcopt.apply_updates(params, u), s_ref), **tol)
+        assert tree.structure(new_s) == tree.structure(s_ref)
+        params, state = new_p, new_s

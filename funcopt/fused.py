@@ -9,7 +9,10 @@ second implementation of the same step (the *fast path*):
   ``_fused_adamw_``, ``_fused_sgd_``, ``_fused_adagrad_``, the kernels behind
   ``torch.optim.Adam(fused=True)``); RMSprop and Lion run ``torch._foreach_*`` ops.
 - In a plain ``update`` the kernels work on fresh copies of the state and on a zero-filled
-  update buffer, so ``update`` stays pure: it never writes into its arguments.
+  update buffer, so ``update`` stays pure: it never writes into its arguments. (SGD with
+  plain momentum uses two foreach ops instead, ``g + momentum * buf`` and ``-lr * buf``.)
+- In a pure training step (:func:`funcopt.apply_gradients` with ``donate=False``) they work
+  on fresh copies of the params and the state, so the new params come out of the kernel.
 - In a *donating* step (:func:`funcopt.train_step.make_step`, :func:`funcopt.apply_gradients`)
   the kernels update the params and state buffers that the caller gave up, in place.
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state
-from funcopt.transforms import _first_device
+from funcopt.transforms_common import _first_device
 
 __all__ = [
     "InjectHyperparamsState",

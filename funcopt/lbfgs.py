@@ -32,7 +32,8 @@ from funcopt.base import (
     require_params,
 )
 from funcopt.linesearch import scale_by_backtracking_linesearch, scale_by_zoom_linesearch
-from funcopt.transforms import _init_count, check_learning_rate, scale, scale_by_learning_rate
+from funcopt.transforms import scale, scale_by_learning_rate
+from funcopt.transforms_common import _init_count, check_learning_rate
 
 __all__ = ["ScaleByLbfgsState", "scale_by_lbfgs", "lbfgs"]
 

@@ -35,7 +35,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state, require_params
-from funcopt.transforms import _init_count
+from funcopt.transforms_common import _init_count
 
 __all__ = [
     "LINESEARCH_STATUS",

@@ -14,10 +14,9 @@ import torch
 
 from funcopt import fused as _fused
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, chain
+from funcopt.transforms_common import _is_zero, check_learning_rate
 from funcopt.transforms import (
-    _is_zero,
     add_decayed_weights,
-    check_learning_rate,
     scale,
     scale_by_adam,
     scale_by_adamax,

@@ -17,7 +17,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, check_state
-from funcopt.transforms import _first_device
+from funcopt.transforms_common import _first_device
 
 __all__ = ["ReduceOnPlateauState", "reduce_on_plateau"]
 

@@ -33,7 +33,7 @@ from funcopt.base import (
     PyTree,
     check_state,
 )
-from funcopt.transforms import _init_count
+from funcopt.transforms_common import _init_count
 
 __all__ = [
     "MaskedState",

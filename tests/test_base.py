@@ -127,3 +127,14 @@ def test_apply_updates_multi_tensor_path_equals_leafwise_and_is_pure():
     # params requiring grad keep the graph (leaf by leaf)
     leafy = {k: v.clone().requires_grad_() for k, v in before.items()}
     assert all(x.requires_grad for x in funcopt.apply_updates(leafy, updates).values())
+
+
+def test_state_types_keep_funcopt_transforms_as_their_module():
+    """Checkpoints and state_dicts record state types as "module:qualname"; the blocks moved
+    into funcopt.transforms_* modules, and the names saved before must stay the names saved now."""
+    import funcopt.transforms as T
+
+    states = [getattr(T, n) for n in T.__all__ if n[0].isupper()]
+    assert len(states) == 8
+    for cls in states:
+        assert cls.__module__ == "funcopt.transforms" and getattr(T, cls.__qualname__) is cls

@@ -16,13 +16,13 @@ The torch side is stateful by nature (it writes the parameters in place); the fu
 inside stays a pure pytree (:attr:`FuncoptOptimizer.funcopt_state`) updated by ``tx.update``,
 so the trajectory equals the functional loop's. ``state_dict()`` holds only tensors and plain
 Python containers (NamedTuples become tagged dicts, see :func:`state_to_plain`), so
-``torch.save`` / ``torch.load(weights_only=True)`` round-trip it.
+``torch.save`` / ``torch.load(weights_only=True)`` round-trip it (the conversion lives in
+``funcopt.torch_optimizer_state``).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Callable
 from collections.abc import Iterable
 
@@ -33,154 +33,13 @@ from funcopt import fused as _fused
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.inject import _find_states, inject_hyperparams, set_hyperparams
+from funcopt.torch_optimizer_state import state_from_plain, state_to_plain
 
 __all__ = ["FuncoptOptimizer", "as_torch_optimizer", "state_to_plain", "state_from_plain"]
 
-_TAG = "__funcopt_type__"
 _FORMAT = "funcopt.FuncoptOptimizer/1"
 # torch.optim's name of a hyperparameter -> funcopt's (the rest keep their funcopt names).
 _TORCH_NAMES = {"lr": "learning_rate"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pytrees <-> plain containers (for torch.save(weights_only=True))
-
-
-def state_to_plain(tree: PyTree) -> Any:
-    """Converts a pytree (NamedTuples included) to tensors in plain dicts/lists.
-
-    Like ``flax.serialization.to_state_dict``: each container becomes a dict tagged with its
-    kind (``{"__funcopt_type__": "namedtuple", "type": "module:QualName", "fields": {...}}``,
-    ``"tuple"``, ``"list"`` or ``"dict"``), so the result loads with
-    ``torch.load(weights_only=True)`` (no pickled classes) and :func:`state_from_plain` rebuilds
-    the original types. Leaves may be tensors, Python scalars, strings or ``None``.
-
-    Raises:
-        TypeError: naming the path of a leaf of another type.
-    """
-
-    def enc(node: Any, path: str) -> Any:
-        if isinstance(node, torch.Tensor):
-            return node.detach()
-        if node is None or isinstance(node, (bool, int, float, str)):
-            return node
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            cls = type(node)
-            return {
-                _TAG: "namedtuple",
-                "type": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f: enc(v, f"{path}.{f}") for f, v in zip(node._fields, node)},
-            }
-        if isinstance(node, (tuple, list)):
-            kind = "tuple" if isinstance(node, tuple) else "list"
-            return {_TAG: kind, "items": [enc(v, f"{path}[{i}]") for i, v in enumerate(node)]}
-        if isinstance(node, dict):
-            for k in node:
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
-                    raise TypeError(f"state_to_plain: dict key {k!r} at {path or '<root>'} is not a str or int.")
-            return {
-                _TAG: "dict",
-                "keys": list(node),
-                "values": [enc(v, f"{path}[{k!r}]") for k, v in node.items()],
-            }
-        raise TypeError(
-            f"state_to_plain: leaf at {path or '<root>'} is a {type(node).__name__}; only tensors, "
-            "Python scalars, strings, None, dicts, lists, tuples and NamedTuples can be saved."
-        )
-
-    return enc(tree, "")
-
-
-def _resolve_namedtuple(type_name: str, fields: list[str], path: str) -> type:
-    module_name, _, qualname = type_name.partition(":")
-    module = sys.modules.get(module_name)
-    obj: Any = module
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    if not (isinstance(obj, type) and issubclass(obj, tuple) and list(getattr(obj, "_fields", ())) == fields):
-        raise FuncoptError(
-            f"state_from_plain: cannot rebuild the NamedTuple {type_name!r} at {path or '<root>'} "
-            f"(module not imported, or its fields differ from {fields}). Import the module that "
-            "defines it, or pass like= (e.g. tx.init(params)) to rebuild from a template."
-        )
-    return obj
-
-
-def state_from_plain(plain: Any, like: PyTree | None = None) -> PyTree:
-    """Inverse of :func:`state_to_plain`; with ``like=`` (a template such as ``tx.init(params)``)
-    checks every container type, shape and dtype against it and moves each tensor to the device
-    of the template's leaf (the ``map_location`` of ``torch.load`` done per leaf).
-
-    Without ``like``, NamedTuple types are looked up only in already imported modules (nothing is
-    imported or executed on load).
-
-    Raises:
-        FuncoptError: naming the first path where ``plain`` and ``like`` differ.
-    """
-
-    def mismatch(path: str, what: str) -> FuncoptError:
-        return FuncoptError(
-            f"state_from_plain: at {path or '<root>'}: {what}. The saved state does not fit this "
-            "optimizer (was it saved from a different transformation or different params?)."
-        )
-
-    def dec(node: Any, tmpl: Any, path: str) -> Any:
-        has_t = tmpl is not _NO_TEMPLATE
-        if isinstance(node, torch.Tensor):
-            if not has_t:
-                return node
-            if not isinstance(tmpl, torch.Tensor):
-                raise mismatch(path, f"saved a tensor, expected {_tree._describe(tmpl)}")
-            if node.shape != tmpl.shape or node.dtype != tmpl.dtype:
-                raise mismatch(
-                    path,
-                    f"saved {node.dtype} of shape {tuple(node.shape)}, expected {tmpl.dtype} of "
-                    f"shape {tuple(tmpl.shape)}",
-                )
-            return node.to(tmpl.device)
-        if not isinstance(node, dict) or _TAG not in node:
-            if has_t and (isinstance(tmpl, torch.Tensor) or type(node) is not type(tmpl)):
-                raise mismatch(path, f"saved {_tree._describe(node)}, expected {_tree._describe(tmpl)}")
-            return node
-        kind = node[_TAG]
-        if kind == "namedtuple":
-            fields = list(node["fields"])
-            if has_t:
-                if not (isinstance(tmpl, tuple) and hasattr(tmpl, "_fields")):
-                    raise mismatch(path, f"saved a NamedTuple {node['type']}, expected {_tree._describe(tmpl)}")
-                cls = type(tmpl)
-                saved_name = node["type"].partition(":")[2]
-                if saved_name != cls.__qualname__ or fields != list(cls._fields):
-                    raise mismatch(path, f"saved {saved_name}{tuple(fields)}, expected {_tree._describe(tmpl)}")
-            else:
-                cls = _resolve_namedtuple(node["type"], fields, path)
-            return cls(
-                *(
-                    dec(node["fields"][f], getattr(tmpl, f) if has_t else _NO_TEMPLATE, f"{path}.{f}")
-                    for f in fields
-                )
-            )
-        if kind in ("tuple", "list"):
-            items = node["items"]
-            want = tuple if kind == "tuple" else list
-            if has_t and (type(tmpl) is not want or len(tmpl) != len(items)):
-                raise mismatch(path, f"saved a {kind} of length {len(items)}, expected {_tree._describe(tmpl)}")
-            out = [dec(v, tmpl[i] if has_t else _NO_TEMPLATE, f"{path}[{i}]") for i, v in enumerate(items)]
-            return want(out)
-        if kind == "dict":
-            keys = node["keys"]
-            if has_t and (not isinstance(tmpl, dict) or set(tmpl) != set(keys)):
-                raise mismatch(path, f"saved a dict with keys {sorted(map(str, keys))}, expected {_tree._describe(tmpl)}")
-            return {
-                k: dec(v, tmpl[k] if has_t else _NO_TEMPLATE, f"{path}[{k!r}]")
-                for k, v in zip(keys, node["values"])
-            }
-        raise FuncoptError(f"state_from_plain: unknown container tag {kind!r} at {path or '<root>'}.")
-
-    return dec(plain, _NO_TEMPLATE if like is None else like, "")
-
-
-_NO_TEMPLATE = object()
 
 
 # ---------------------------------------------------------------------------------------------

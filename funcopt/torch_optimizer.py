@@ -33,6 +33,9 @@ from funcopt import fused as _fused
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.inject import _find_states, inject_hyperparams, set_hyperparams
+from funcopt.torch_optimizer_state import _NO_TEMPLATE as _NO_TEMPLATE
+from funcopt.torch_optimizer_state import _TAG as _TAG
+from funcopt.torch_optimizer_state import _resolve_namedtuple as _resolve_namedtuple
 from funcopt.torch_optimizer_state import state_from_plain, state_to_plain
 
 __all__ = ["FuncoptOptimizer", "as_torch_optimizer", "state_to_plain", "state_from_plain"]

@@ -14,6 +14,11 @@ re-exports them, and the state types keep ``funcopt.transforms`` as their module
 
 from __future__ import annotations
 
+# The state types report this module as theirs, so their string annotations (``torch.Tensor``,
+# ``PyTree``) are resolved here by ``typing.get_type_hints``.
+import torch as torch
+
+from funcopt.base import PyTree as PyTree
 from funcopt.transforms_adaptive import (
     ScaleByAdamaxState,
     ScaleByAdamState,
@@ -21,6 +26,8 @@ from funcopt.transforms_adaptive import (
     ScaleByNadamState,
     ScaleByRmsState,
     ScaleByRssState,
+    _adam_init as _adam_init,
+    _moments as _moments,
     scale_by_adam,
     scale_by_adamax,
     scale_by_lion,
@@ -29,10 +36,23 @@ from funcopt.transforms_adaptive import (
     scale_by_rms,
     scale_by_rss,
 )
-from funcopt.transforms_common import check_beta, check_learning_rate, check_non_negative  # noqa: F401
+from funcopt.transforms_common import (  # the private helpers stay importable from here
+    _check_range as _check_range,
+    _first_device as _first_device,
+    _float_step as _float_step,
+    _init_count as _init_count,
+    _is_number as _is_number,
+    _is_zero as _is_zero,
+    _lerp as _lerp,
+    _scalar_dtype as _scalar_dtype,
+    check_beta as check_beta,
+    check_learning_rate as check_learning_rate,
+    check_non_negative as check_non_negative,
+)
 from funcopt.transforms_scale import (
     ScaleByScheduleState,
     TraceState,
+    _resolve_mask as _resolve_mask,
     add_decayed_weights,
     clip,
     clip_by_global_norm,

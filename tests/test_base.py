@@ -138,3 +138,17 @@ def test_state_types_keep_funcopt_transforms_as_their_module():
     assert len(states) == 8
     for cls in states:
         assert cls.__module__ == "funcopt.transforms" and getattr(T, cls.__qualname__) is cls
+
+
+def test_transforms_facade_keeps_private_helpers_and_state_type_hints():
+    """Names importable from funcopt.transforms before the split still are, and the state types'
+    annotations resolve in the module they report (typing.get_type_hints)."""
+    import typing
+
+    import funcopt.transforms as T
+
+    helpers = ["_first_device", "_init_count", "_is_zero", "_lerp", "_float_step", "_resolve_mask"]
+    helpers += ["_adam_init", "_moments", "check_learning_rate", "check_beta", "check_non_negative"]
+    assert all(callable(getattr(T, name)) for name in helpers)
+    for cls in (getattr(T, n) for n in T.__all__ if n[0].isupper()):
+        assert list(typing.get_type_hints(cls)) == list(cls._fields)

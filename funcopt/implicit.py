@@ -30,6 +30,7 @@ import torch
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, apply_updates
 from funcopt.linalg import hvp_operator, mixed_vjp, solve_cg
+from funcopt.linalg_common import _check_float_tree
 
 __all__ = ["hypergradient", "custom_root", "unrolled_hypergradient", "minimize_inner"]
 
@@ -48,17 +49,9 @@ def _check_solution(x: PyTree, like: PyTree, what: str) -> None:
 
 
 def _check_tensor_tree(t: PyTree, name: str, where: str) -> None:
-    leaves = _tree.leaves(t)
-    if not leaves:
-        raise FuncoptError(f"{where}: `{name}` has no tensor leaves.")
-    for path, x in zip(_tree.paths(t), leaves):
-        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
-            raise TypeError(
-                f"{where}: leaf {path} of `{name}` is "
-                + (f"a tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__)
-                + "; it must be a floating-point tensor (hyperparameters that are Python floats "
-                "cannot be differentiated: pass torch.tensor(value))."
-            )
+    _check_float_tree(
+        t, name, where, " (hyperparameters that are Python floats cannot be differentiated: pass torch.tensor(value))"
+    )
 
 
 def hypergradient(

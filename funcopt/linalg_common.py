@@ -67,18 +67,24 @@ def _all_finite(t: PyTree) -> torch.Tensor:
     return torch.stack(flags).all()
 
 
-def _check_rhs(b: PyTree, solver: str) -> list[torch.Tensor]:
-    leaves = _tree.leaves(b)
+def _check_float_tree(tree: PyTree, name: str, where: str, hint: str = "") -> list[torch.Tensor]:
+    """The leaves of ``tree``; raises unless there is at least one and all are floating-point
+    tensors (the message names ``where``, the argument ``name`` and the leaf's path)."""
+    leaves = _tree.leaves(tree)
     if not leaves:
-        raise FuncoptError(f"{solver}: the right-hand side `b` has no tensor leaves.")
-    for path, x in zip(_tree.paths(b), leaves):
+        raise FuncoptError(f"{where}: `{name}` has no tensor leaves.")
+    for path, x in zip(_tree.paths(tree), leaves):
         if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
             raise TypeError(
-                f"{solver}: leaf {path} of `b` is {type(x).__name__}"
-                + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
-                + "; every leaf must be a floating-point tensor."
+                f"{where}: leaf {path} of `{name}` is "
+                + (f"a tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__)
+                + f"; it must be a floating-point tensor{hint}."
             )
     return leaves
+
+
+def _check_rhs(b: PyTree, solver: str) -> list[torch.Tensor]:
+    return _check_float_tree(b, "b", solver)
 
 
 def _checked_matvec(matvec: MatVec, b: PyTree, solver: str) -> MatVec:

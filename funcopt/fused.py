@@ -258,7 +258,7 @@ class _FastPath:
     # -- execution ------------------------------------------------------------------------
 
     def run(
-        self, plan: _Plan, state: tuple, donate: bool, new_containers: bool = False
+        self, plan: _Plan, state: tuple, donate: bool, new_containers: bool = False, first: bool | None = None
     ) -> tuple[list[torch.Tensor], tuple]:
         """Runs the kernels; returns (flat outputs, new chain state).
 
@@ -266,6 +266,8 @@ class _FastPath:
         updates (pure). Pure runs never write into ``plan``'s input tensors. A donating run
         hands the state's containers on as they are, or, with ``new_containers``, builds new
         ones around ``plan``'s buffers (for :meth:`pure_step`, whose buffers are copies).
+        ``first`` (whether this is the momentum buffer's first step) is read from the step
+        count when not given, which on CUDA waits for the device.
         """
         kind = self.kind
         new_counts = {k: c + 1 for k, c in plan.counts.items()}
@@ -274,7 +276,8 @@ class _FastPath:
             step = new_counts[ScaleByAdamState]
         elif kind == "adagrad":
             step = torch.ones((), dtype=torch.int64, device=plan.columns.device)  # unused: lr_decay=0
-        first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
+        if first is None:
+            first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
         groups = plan.columns.groups
         if donate and len(groups) == 1:  # the common case, with no re-indexing
             bufs = dict(plan.buffers)
@@ -418,7 +421,8 @@ class _FastPath:
         plan = memo.replan(self, grads, state, params)
         if plan is None:
             return None
-        _, new_state = self.run(plan, state, donate=True)
+        # The state came out of a donated step, so its counts are at least 1: no device read.
+        _, new_state = self.run(plan, state, donate=True, first=False)
         self._memo = memo._replace(state=new_state)
         return new_state, list(plan.counts.values())
 
@@ -451,7 +455,7 @@ class _FastPath:
         if memo is not None and state is memo.state:
             plan = memo.replan(self, grads, state, params)
             if plan is not None:
-                out, new_state = self.run(plan, state, donate=True)
+                out, new_state = self.run(plan, state, donate=True, first=False)  # counts >= 1
                 self._memo = memo._replace(state=new_state)
                 return out, new_state, list(plan.counts.values()), plan.spec
         self._memo = None

@@ -415,16 +415,25 @@ class _FastPath:
         old state's tensors the new state no longer holds (its step counts). Returns None,
         having written nothing, otherwise. The new params are ``params``, updated in place.
         """
+        if not _SWITCH.enabled or _in_traced_context():
+            return None
+        result = self._repeat(grads, state, params)
+        return None if result is None else (result[1], result[2])
+
+    def _repeat(
+        self, grads: PyTree, state: Any, params: PyTree
+    ) -> tuple[list[torch.Tensor], Any, list[torch.Tensor], Any] | None:
+        """The remembered-checks step (see :meth:`repeat_step`), in :meth:`donated_run`'s form."""
         memo = self._memo
-        if memo is None or state is not memo.state or not _SWITCH.enabled or _in_traced_context():
+        if memo is None or state is not memo.state:
             return None
         plan = memo.replan(self, grads, state, params)
         if plan is None:
             return None
         # The state came out of a donated step, so its counts are at least 1: no device read.
-        _, new_state = self.run(plan, state, donate=True, first=False)
+        out, new_state = self.run(plan, state, donate=True, first=False)
         self._memo = memo._replace(state=new_state)
-        return new_state, list(plan.counts.values())
+        return out, new_state, list(plan.counts.values()), plan.spec
 
     def donated_update(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
         """One step writing into ``params`` and the state buffers; returns (new params, new state).
@@ -451,13 +460,9 @@ class _FastPath:
         """
         if not _SWITCH.enabled or _in_traced_context():
             return None
-        memo = self._memo
-        if memo is not None and state is memo.state:
-            plan = memo.replan(self, grads, state, params)
-            if plan is not None:
-                out, new_state = self.run(plan, state, donate=True, first=False)  # counts >= 1
-                self._memo = memo._replace(state=new_state)
-                return out, new_state, list(plan.counts.values()), plan.spec
+        repeated = self._repeat(grads, state, params)
+        if repeated is not None:
+            return repeated
         self._memo = None
         plan = self.plan(grads, state, params, donate=True)
         if plan is None:

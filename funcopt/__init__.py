@@ -15,6 +15,7 @@ from funcopt import implicit as implicit
 from funcopt import interop as interop
 from funcopt import linalg as linalg
 from funcopt import lr_finder as lr_finder
+from funcopt import native as native
 from funcopt import nn as nn
 from funcopt import plateau as plateau
 from funcopt import schedules as schedules

@@ -8,6 +8,7 @@ from typing import Any, Callable, NamedTuple, Protocol, Union
 import optree
 import torch
 
+from funcopt import native as _native
 from funcopt import tree as _tree
 
 __all__ = [
@@ -122,15 +123,20 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     Each result keeps the dtype of its parameter. The two trees must have the same structure;
     a mismatch raises ``ValueError`` naming the first differing path. Plain tensors of equal
     dtype, shape and device, none requiring grad, are added with one multi-tensor
-    ``torch._foreach_add`` (the same numbers, less per-leaf overhead); elsewhere (under
-    ``torch.func`` transforms and ``torch.compile``, or for mixed leaves) leaf by leaf.
+    ``torch._foreach_add`` (the same numbers, less per-leaf overhead), or, for large
+    float32/float64 CPU trees, with :func:`funcopt.native.add` (one pass, streaming stores;
+    bitwise the same sums); elsewhere (under ``torch.func`` transforms and ``torch.compile``,
+    or for mixed leaves) leaf by leaf.
     """
     p, spec = optree.tree_flatten(params, none_is_leaf=False)
     u, u_spec = optree.tree_flatten(updates, none_is_leaf=False)
     if u_spec != spec:
         _tree.check_same_structure(params, updates, ("params", "updates"))
     if _can_add_together(p, u):
-        return optree.tree_unflatten(spec, torch._foreach_add(p, u))
+        if _native_can_add(p, u):
+            return optree.tree_unflatten(spec, _native.add(p, u))
+        if len(p) > 1:
+            return optree.tree_unflatten(spec, torch._foreach_add(p, u))
 
     def _apply(p, u):
         out = p + u
@@ -145,9 +151,25 @@ _SHAPE = operator.attrgetter("shape")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
+def _native_can_add(p: list[Any], u: list[Any]) -> bool:
+    """Whether ``funcopt.native.add`` may add these leaves (already checked by
+    :func:`_can_add_together`): one float32/float64 dtype, all contiguous, all on the CPU."""
+    return (
+        p[0].dtype in _NATIVE_DTYPES
+        and len(set(map(_DTYPE, p))) == 1
+        and set(map(torch.Tensor.get_device, p)) == {-1}
+        and all(map(torch.Tensor.is_contiguous, p))
+        and all(map(torch.Tensor.is_contiguous, u))
+        and _native.usable(p)
+    )
+
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
 def _can_add_together(p: list[Any], u: list[Any]) -> bool:
-    """Whether ``torch._foreach_add(p, u)`` gives exactly ``[a + b for a, b in zip(p, u)]``."""
-    if len(p) < 2 or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    """Whether one multi-tensor add of ``p`` and ``u`` gives exactly ``[a + b for a, b in zip(p, u)]``."""
+    if not p or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return False
     try:
         return (

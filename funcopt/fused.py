@@ -67,6 +67,7 @@ from funcopt.fused_checks import (
 )
 from funcopt.fused_kernels import _adagrad_kernel, _adam_kernel, _lion_kernel, _rmsprop_kernel, _sgd_kernel
 from funcopt.fused_memo import _Memo, _with_counts
+from funcopt.fused_native import native_step
 from funcopt.transforms import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -375,7 +376,8 @@ class _FastPath:
         if not torch.compiler.is_compiling() and self.usable():
             plan = self.plan(updates, state, params, donate=False)
             if plan is not None:
-                out, new_state = self.run(plan, state, donate=False)
+                result = native_step(self, plan, state, write_params=False)
+                out, new_state = result if result is not None else self.run(plan, state, donate=False)
                 return optree.tree_unflatten(plan.spec, out), new_state
         return self.reference.update(updates, state, params, **extra_args)
 
@@ -383,22 +385,27 @@ class _FastPath:
         """``update`` followed by ``apply_updates`` in one pure step: returns (new params, new
         state), or None where the fast path does not apply.
 
-        The kernels run as in a donated step, on fresh copies of the params and the state
-        buffers, so the new params come straight out of the kernel: no zeroed update buffer
-        and no separate addition (for Adam 64 bytes moved per element instead of 76). The
-        numbers are those of the donated step and of ``update`` + ``apply_updates`` on the
-        fast path. Nothing passed in is written.
+        On CPU, Adam, AdamW and SGD run :mod:`funcopt.native`'s single-pass kernels, which
+        read the old params and state and write the new ones into fresh tensors (Adam: 28
+        bytes moved per element, as torch's in-place step). Elsewhere the kernels run as in a
+        donated step, on fresh copies of the params and the state buffers, so the new params
+        come straight out of the kernel: no zeroed update buffer and no separate addition
+        (Adam: 64 bytes per element instead of 76). The numbers are those of the donated step
+        and of ``update`` + ``apply_updates`` on the fast path. Nothing passed in is written.
         """
         if not self.usable():
             return None
         plan = self.plan(grads, state, params, donate=True)
         if plan is None:
             return None
-        copies = plan._replace(
-            p=[x.clone() for x in plan.p],
-            buffers={k: (None if v is None else [x.clone() for x in v]) for k, v in plan.buffers.items()},
-        )
-        out, new_state = self.run(copies, state, donate=True, new_containers=True)
+        result = native_step(self, plan, state, write_params=True)
+        if result is None:
+            copies = plan._replace(
+                p=[x.clone() for x in plan.p],
+                buffers={k: (None if v is None else [x.clone() for x in v]) for k, v in plan.buffers.items()},
+            )
+            result = self.run(copies, state, donate=True, new_containers=True)
+        out, new_state = result
         return optree.tree_unflatten(plan.spec, out), new_state
 
     def returned(self, state: Any) -> bool:

@@ -1,0 +1,73 @@
+"""The fast path's single-pass route for pure CPU steps of Adam, AdamW and SGD (``funcopt.fused``).
+
+Private helper of :mod:`funcopt.fused`: where :func:`funcopt.native.usable` allows, a pure
+``update`` or pure training step runs :mod:`funcopt.native`'s kernels, which read the old
+state and write the new state and the updates (or the new params) into fresh tensors in one
+pass, instead of torch's in-place kernels on copies. Same plan, same state types, same numbers
+to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from funcopt import native
+from funcopt.fused_checks import _pick, _Plan
+from funcopt.transforms import ScaleByAdamState, TraceState
+
+__all__: list[str] = []
+
+_KINDS = ("adam", "adamw", "sgd")
+
+
+def native_step(fp: Any, plan: _Plan, state: tuple, write_params: bool) -> tuple[list[torch.Tensor], tuple] | None:
+    """Runs ``fp``'s step natively; returns (flat outputs, new chain state) or None.
+
+    ``fp`` is the :class:`funcopt.fused._FastPath`. The outputs are the updates or, with
+    ``write_params`` (the plan then holds the params), the new params. None, with nothing
+    computed, where the native kernels do not apply (another optimizer, CUDA, a small step,
+    switched off, not built here).
+    """
+    kind = fp.kind
+    if kind not in _KINDS or plan.columns.device.type != "cpu" or not native.usable(plan.g):
+        return None
+    h, lr = plan.h, plan.lr
+    new_counts = {k: c + 1 for k, c in plan.counts.items()}
+    if kind == "sgd":
+        first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
+    else:
+        step = int(plan.counts[ScaleByAdamState]) + 1
+    n = len(plan.g)
+    out: list[Any] = [None] * n
+    new_buffers: dict[str, list[Any] | None] = {k: (None if v is None else [None] * n) for k, v in plan.buffers.items()}
+    for idx in plan.columns.groups:
+        g = _pick(plan.g, idx)
+        p = _pick(plan.p, idx) if plan.p is not None else None
+        bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
+        if kind == "sgd":
+            has_buf = bufs["buf"] is not None
+            res, buf = native.sgd(
+                g, bufs["buf"], p, lr=lr, momentum=h["momentum"] if has_buf else 0.0, dampening=h["dampening"],
+                nesterov=h["nesterov"], weight_decay=h["weight_decay"], maximize=h["maximize"], first=first,
+                has_buf=has_buf, write_params=write_params,
+            )
+            results = {"buf": buf}
+        else:
+            res, mu, nu, nu_max = native.adam(
+                g, bufs["mu"], bufs["nu"], bufs["nu_max"], p, lr=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
+                step=step, weight_decay=h["weight_decay"], decoupled=kind == "adamw", maximize=h["maximize"],
+                write_params=write_params,
+            )
+            results = {"mu": mu, "nu": nu, "nu_max": nu_max}
+        if len(idx) == n:  # one dtype group: the lists are already in leaf order
+            out = res
+            new_buffers = results
+            break
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+            for k, column in results.items():
+                if column is not None:
+                    new_buffers[k][i] = column[j]
+    return out, fp._new_state(plan, state, new_buffers, new_counts)

@@ -10,7 +10,9 @@ The in-place rows (torch.optim's for-loop, foreach and fused steps, and funcopt'
 step) all update *one shared set of buffers* (params, gradients, state), so that they are
 compared on the same memory: on this kind of virtual machine, equal buffers allocated at
 different times run the same kernel up to 10-20% apart, which would otherwise decide the
-comparison. The pure rows allocate their outputs anyway and keep their own inputs. Before
+comparison. The pure rows allocate their outputs anyway and keep their own inputs; they run
+twice, with :mod:`funcopt.native`'s single-pass kernels (the default where they build) and
+with torch's in-place kernels on copies (``funcopt.native.enabled(False)``). Before
 every step, a 64 MB write evicts the last-level cache (32 MB here): each step starts cold, as
 in training, where the forward and backward passes run between two optimizer steps (and as
 the issue's reference figures, with torch fused at 0.85-0.97 of the DRAM bandwidth bound on
@@ -41,7 +43,7 @@ from typing import Callable
 import torch
 
 import funcopt
-from funcopt import fused
+from funcopt import fused, native
 from funcopt.train_step import apply_gradients
 
 
@@ -111,9 +113,12 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
         box["s"] = tx.init(box["p"])
         grads_tree = {k: g.clone() for k, g in zip(keys, grads)}
 
-        if mode == "pure_step":
+        if mode in ("pure_step", "pure_step_torch"):
+            use_native = mode == "pure_step"
+
             def step():
-                box["p"], box["s"] = apply_gradients(tx, grads_tree, box["s"], box["p"])
+                with native.enabled(use_native):
+                    box["p"], box["s"] = apply_gradients(tx, grads_tree, box["s"], box["p"])
         elif mode == "donated":  # on the shared buffers, with torch's state tensors as its state
             box["p"] = {k: p.detach() for k, p in zip(keys, shared)}
             grads_tree = {k: p.grad for k, p in zip(keys, shared)}
@@ -139,18 +144,22 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
             def step():
                 box["p"], box["s"] = compiled(grads_tree, box["s"], box["p"])
         else:
-            enabled = mode == "fast"
+            enabled = mode != "reference"
+            use_native = mode == "fast"
 
             def step():
-                with fused.fast_path_enabled(enabled):
+                with fused.fast_path_enabled(enabled), native.enabled(use_native):
                     u, box["s"] = tx.update(grads_tree, box["s"], box["p"])
                     box["p"] = funcopt.apply_updates(box["p"], u)
 
         rows.append(Row(label, step))
 
     funcopt_row("funcopt update+apply, reference path", "reference")
-    funcopt_row("funcopt update+apply, fast path (pure)", "fast")
-    funcopt_row("funcopt apply_gradients(donate=False) (pure step)", "pure_step")
+    funcopt_row("funcopt update+apply, fast path, torch kernels on copies", "fast_torch")
+    funcopt_row("funcopt apply_gradients(donate=False), torch kernels on copies", "pure_step_torch")
+    if native.available():
+        funcopt_row("funcopt update+apply, fast path (pure, native kernels)", "fast")
+        funcopt_row("funcopt apply_gradients(donate=False) (pure step, native kernels)", "pure_step")
     funcopt_row("funcopt apply_gradients(donate=True)", "donated")
     if compile_row:
         funcopt_row("torch.compile(funcopt update+apply)", "compiled")
@@ -247,7 +256,8 @@ def main() -> None:
     rounds = args.rounds or (6 if args.quick else 25)
     warmup = 2 if args.quick else 3
     compile_row = not (args.quick or args.no_compile)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up")
+    print(f"funcopt.native kernels: {'built' if native.available() else native.unavailable_reason()}\n")
     for which in args.optimizers.split(","):
         for size in args.sizes.split(","):
             print(run(which, size, rounds, warmup, compile_row), flush=True)

@@ -95,11 +95,13 @@ static int aligned32(void *const *outs, int nouts, int64_t lo, int64_t elem) {
   return 1;
 }
 
-/* Fresh outputs of at least HUGE_BYTES are not yet touched: asks the kernel to back their
- * 2 MiB-aligned interior with transparent huge pages, so that the first write faults once per
- * 2 MiB instead of once per 4 KiB (a fresh 64 MiB tensor otherwise costs 16k page faults, more
- * than the arithmetic). Only a hint: without THP ("never") nothing changes. */
-#define HUGE_BYTES (4 << 20)
+/* Fresh outputs of at least HUGE_BYTES are blocks glibc serves with a new mmap (its largest
+ * threshold is 32 MiB), not yet touched: asks the kernel to back their 2 MiB-aligned interior
+ * with transparent huge pages, so that the first write faults once per 2 MiB instead of once
+ * per 4 KiB (a fresh 64 MiB tensor otherwise costs 16k page faults, more than the
+ * arithmetic). Smaller blocks usually come from the heap, which is left alone. Only a hint:
+ * with THP off ("never") nothing changes. */
+#define HUGE_BYTES (32 << 20)
 static void advise_huge(void *const *a, int64_t ntensors, int narrays, int first_out, const int64_t *sizes,
                         int64_t elem) {
 #ifdef MADV_HUGEPAGE

@@ -191,8 +191,9 @@ def test_mixed_dtypes_and_unaligned_views_and_one_thread(calls):
 
 @needs_native
 def test_large_outputs_take_the_streaming_route_with_the_same_numbers(calls):
-    """Outputs above 4 MiB use non-temporal stores and huge-page hints: same values."""
-    params = {"w": torch.randn(1 << 21), "b": torch.randn(1000)}  # 8 MiB per output
+    """Outputs of 4 MiB and more use non-temporal stores, of 32 MiB and more huge-page
+    hints as well: the same values."""
+    params = {"w": torch.randn(1 << 23), "b": torch.randn(1000)}  # 32 MiB per output
     assert native._streams(list(params.values()), 1)
     for make in (lambda: funcopt.adam(1e-3), lambda: funcopt.sgd(1e-2, momentum=0.9)):
         got = _train(make(), params, 2, use_native=True)

@@ -156,11 +156,11 @@ def _native_can_add(p: list[Any], u: list[Any]) -> bool:
     :func:`_can_add_together`): one float32/float64 dtype, all contiguous, all on the CPU."""
     return (
         p[0].dtype in _NATIVE_DTYPES
+        and _native.usable(p)  # first: it rejects small trees cheaply
         and len(set(map(_DTYPE, p))) == 1
         and set(map(torch.Tensor.get_device, p)) == {-1}
         and all(map(torch.Tensor.is_contiguous, p))
         and all(map(torch.Tensor.is_contiguous, u))
-        and _native.usable(p)
     )
 
 

@@ -8,11 +8,15 @@ second implementation of the same step (the *fast path*):
 - Adam, AdamW, SGD and Adagrad run torch's own multi-tensor kernels (``torch._fused_adam_``,
   ``_fused_adamw_``, ``_fused_sgd_``, ``_fused_adagrad_``, the kernels behind
   ``torch.optim.Adam(fused=True)``); RMSprop and Lion run ``torch._foreach_*`` ops.
-- In a plain ``update`` the kernels work on fresh copies of the state and on a zero-filled
-  update buffer, so ``update`` stays pure: it never writes into its arguments. (SGD with
-  plain momentum uses two foreach ops instead, ``g + momentum * buf`` and ``-lr * buf``.)
-- In a pure training step (:func:`funcopt.apply_gradients` with ``donate=False``) they work
-  on fresh copies of the params and the state, so the new params come out of the kernel.
+- In a plain ``update`` on the CPU, Adam, AdamW and SGD run :mod:`funcopt.native`'s
+  single-pass kernels (built from C at first use where a compiler is found), which read the
+  old state and write the updates and the new state into fresh tensors. Elsewhere the
+  kernels work on fresh copies of the state and on a zero-filled update buffer. Either way
+  ``update`` stays pure: it never writes into its arguments. (Without the native kernels,
+  SGD with plain momentum uses two foreach ops, ``g + momentum * buf`` and ``-lr * buf``.)
+- In a pure training step (:func:`funcopt.apply_gradients` with ``donate=False``) the native
+  kernels write the new params and state in one pass; without them the kernels work on
+  fresh copies of the params and the state, so the new params come out of the kernel.
 - In a *donating* step (:func:`funcopt.train_step.make_step`, :func:`funcopt.apply_gradients`)
   the kernels update the params and state buffers that the caller gave up, in place.
 
@@ -33,9 +37,9 @@ where it is valid, and the reference path runs otherwise:
 Use :func:`fast_path_enabled` to force the reference path (e.g. to compare the two).
 
 This module holds the switch, the dispatch (``_FastPath``) and the public helpers; the
-checks and the step plan are in ``funcopt.fused_checks``, the kernels in
-``funcopt.fused_kernels`` and the remembered checks of donated steps in
-``funcopt.fused_memo``.
+checks and the step plan are in ``funcopt.fused_checks``, the torch kernels in
+``funcopt.fused_kernels``, the native route in ``funcopt.fused_native`` and the remembered
+checks of donated steps in ``funcopt.fused_memo``.
 """
 
 from __future__ import annotations

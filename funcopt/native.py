@@ -218,7 +218,10 @@ def _call(fn_name: str, dtype: torch.dtype, columns: list[list[torch.Tensor] | N
         ptrs.extend(0 if c is None else c[k].data_ptr() for c in columns)
     sizes = [t.numel() for t in next(c for c in columns if c is not None)]
     threads = torch.get_num_threads() if sum(sizes) >= _PARALLEL_ELEMENTS else 1
-    fn = getattr(_LIBRARY.lib, f"funcopt_{fn_name}_{_DTYPES[dtype]}")
+    lib = _LIBRARY.lib or _LIBRARY.get()  # (the self-test sets .lib before get() returns)
+    if lib is None:
+        raise RuntimeError(f"funcopt.native: the kernels are not available here ({_LIBRARY.reason})")
+    fn = getattr(lib, f"funcopt_{fn_name}_{_DTYPES[dtype]}")
     status = fn(n, (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * n)(*sizes), *extra, threads)
     if status != 0:
         raise MemoryError(f"funcopt.native: the {fn_name} kernel could not allocate its work list")

@@ -312,3 +312,19 @@ def test_building_leaves_nothing_on_disk(tmp_path):
     out = _child(tmp_path)
     assert out["available"] == "True", out["reason"]
     assert out["left"] == "[]"
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["adam_amsgrad_l2_maximize", "sgd_nesterov_maximize"])
+def test_native_run_resumes_bitwise_from_a_checkpoint(name, calls, tmp_path):
+    tx = CONFIGS[name]()
+    params = _params()
+    straight = _train(tx, params, 6, use_native=True)
+    half_params, half_state = _train(tx, params, 3, use_native=True)
+    funcopt.checkpoint.save(tmp_path / "ckpt.safetensors", {"params": half_params, "opt_state": half_state})
+    restored = funcopt.checkpoint.load(tmp_path / "ckpt.safetensors")
+    p, state = restored["params"], restored["opt_state"]
+    for i in range(3, 6):
+        updates, state = tx.update(_grads(params, i), state, p)
+        p = funcopt.apply_updates(p, updates)
+    assert_trees_equal((p, state), straight)

@@ -44,12 +44,10 @@ checks of donated steps in ``funcopt.fused_memo``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
-import threading
+from contextlib import AbstractContextManager
 from typing import Any, Callable
-from collections.abc import Iterator
 
 import optree
 import torch
@@ -65,13 +63,14 @@ from funcopt.fused_checks import (
     _in_traced_context,
     _is_python_zero,
     _parse_chain_state,
-    _pick,
+    _per_dtype_group,
     _Plan,
     _scalar,
 )
 from funcopt.fused_kernels import _adagrad_kernel, _adam_kernel, _lion_kernel, _rmsprop_kernel, _sgd_kernel
 from funcopt.fused_memo import _Memo, _with_counts
 from funcopt.fused_native import native_step
+from funcopt.thread_switch import ThreadSwitch
 from funcopt.transforms import (
     ScaleByAdamState,
     ScaleByLionState,
@@ -93,11 +92,7 @@ __all__ = [
 FAST_PATH_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop", "lion")
 """Names of the optimizers that have a fast path."""
 
-class _Switch(threading.local):
-    enabled = True
-
-
-_SWITCH = _Switch()
+_SWITCH = ThreadSwitch()
 
 
 def is_fast_path_enabled() -> bool:
@@ -105,20 +100,14 @@ def is_fast_path_enabled() -> bool:
     return _SWITCH.enabled
 
 
-@contextlib.contextmanager
-def fast_path_enabled(enabled: bool) -> Iterator[None]:
+def fast_path_enabled(enabled: bool) -> AbstractContextManager[None]:
     """Context manager switching the fast path on or off in this thread, like ``torch.no_grad``.
 
     Example:
         >>> with funcopt.fused.fast_path_enabled(False):
         ...     updates, state = tx.update(grads, state, params)  # the per-leaf reference path
     """
-    previous = _SWITCH.enabled
-    _SWITCH.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _SWITCH.enabled = previous
+    return _SWITCH.set(enabled)
 
 
 
@@ -291,27 +280,14 @@ class _FastPath:
                 return plan.p, self._new_state(plan, state, bufs, new_counts)
             # the buffers were written in place: their containers are handed on as they are
             return plan.p, _with_counts(state, plan.positions, new_counts)
-        n = len(plan.g)
-        out: list[Any] = [None] * n
-        new_buffers: dict[str, list[Any] | None] = {
-            k: (None if v is None else [None] * n) for k, v in plan.buffers.items()
-        }
         copy_state = not donate and kind in ("adam", "adamw", "adagrad")
-        for idx in groups:
-            g = _pick(plan.g, idx)
-            p = _pick(plan.p, idx) if plan.p is not None else None
-            bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
+
+        def group_step(g, p, bufs):
             if copy_state:
                 bufs = {k: (None if v is None else [x.clone() for x in v]) for k, v in bufs.items()}
-            res = self._kernel(plan, p, g, bufs, step, first, donate)
-            if len(idx) == n:  # one dtype group: the lists are already in leaf order
-                out, new_buffers = list(res), bufs
-                break
-            for j, i in enumerate(idx):
-                out[i] = res[j]
-                for k, v in bufs.items():
-                    if v is not None:
-                        new_buffers[k][i] = v[j]
+            return self._kernel(plan, p, g, bufs, step, first, donate), bufs
+
+        out, new_buffers = _per_dtype_group(plan, group_step)
         if donate and not new_containers:  # written in place: the containers are handed on
             return out, _with_counts(state, plan.positions, new_counts)
         return out, self._new_state(plan, state, new_buffers, new_counts)

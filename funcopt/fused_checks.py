@@ -136,6 +136,27 @@ def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
     return column if len(idx) == len(column) else [column[i] for i in idx]
 
 
+def _per_dtype_group(plan: _Plan, step: Any) -> tuple[list[Any], dict[str, list[Any] | None]]:
+    """Runs ``step(g, p, buffers) -> (outputs, new buffers)`` on each dtype group of ``plan``
+    (the group's gradients, params or None, and state buffers by name) and returns the outputs
+    and new buffers in leaf order."""
+    n = len(plan.g)
+    out: list[Any] = [None] * n
+    new_buffers: dict[str, list[Any] | None] = {k: (None if v is None else [None] * n) for k, v in plan.buffers.items()}
+    for idx in plan.columns.groups:
+        g = _pick(plan.g, idx)
+        p = _pick(plan.p, idx) if plan.p is not None else None
+        res, res_buffers = step(g, p, {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()})
+        if len(idx) == n:  # one dtype group: the lists are already in leaf order
+            return list(res), res_buffers
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+            for k, column in res_buffers.items():
+                if column is not None:
+                    new_buffers[k][i] = column[j]
+    return out, new_buffers
+
+
 def _parse_chain_state(kind: str, state: Any) -> dict[Any, int] | None:
     """Positions of the known entries of a chain state, or None if the layout is unexpected."""
     if type(state) is not tuple:

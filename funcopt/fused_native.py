@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from funcopt import native
-from funcopt.fused_checks import _pick, _Plan
+from funcopt.fused_checks import _per_dtype_group, _Plan
 from funcopt.transforms import ScaleByAdamState, TraceState
 
 __all__: list[str] = []
@@ -35,17 +35,11 @@ def native_step(fp: Any, plan: _Plan, state: tuple, write_params: bool) -> tuple
         return None
     h, lr = plan.h, plan.lr
     new_counts = {k: c + 1 for k, c in plan.counts.items()}
-    if kind == "sgd":
-        first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
-    else:
-        step = int(plan.counts[ScaleByAdamState]) + 1
-    n = len(plan.g)
-    out: list[Any] = [None] * n
-    new_buffers: dict[str, list[Any] | None] = {k: (None if v is None else [None] * n) for k, v in plan.buffers.items()}
-    for idx in plan.columns.groups:
-        g = _pick(plan.g, idx)
-        p = _pick(plan.p, idx) if plan.p is not None else None
-        bufs = {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()}
+    # SGD: whether the momentum buffer starts now; Adam: the 1-based step (CPU reads, no sync).
+    first = TraceState in plan.counts and int(plan.counts[TraceState]) == 0
+    step = int(plan.counts[ScaleByAdamState]) + 1 if ScaleByAdamState in plan.counts else 0
+
+    def group_step(g, p, bufs):
         if kind == "sgd":
             has_buf = bufs["buf"] is not None
             res, buf = native.sgd(
@@ -53,21 +47,13 @@ def native_step(fp: Any, plan: _Plan, state: tuple, write_params: bool) -> tuple
                 nesterov=h["nesterov"], weight_decay=h["weight_decay"], maximize=h["maximize"], first=first,
                 has_buf=has_buf, write_params=write_params,
             )
-            results = {"buf": buf}
-        else:
-            res, mu, nu, nu_max = native.adam(
-                g, bufs["mu"], bufs["nu"], bufs["nu_max"], p, lr=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
-                step=step, weight_decay=h["weight_decay"], decoupled=kind == "adamw", maximize=h["maximize"],
-                write_params=write_params,
-            )
-            results = {"mu": mu, "nu": nu, "nu_max": nu_max}
-        if len(idx) == n:  # one dtype group: the lists are already in leaf order
-            out = res
-            new_buffers = results
-            break
-        for j, i in enumerate(idx):
-            out[i] = res[j]
-            for k, column in results.items():
-                if column is not None:
-                    new_buffers[k][i] = column[j]
+            return res, {"buf": buf}
+        res, mu, nu, nu_max = native.adam(
+            g, bufs["mu"], bufs["nu"], bufs["nu_max"], p, lr=lr, b1=h["b1"], b2=h["b2"], eps=h["eps"], step=step,
+            weight_decay=h["weight_decay"], decoupled=kind == "adamw", maximize=h["maximize"],
+            write_params=write_params,
+        )
+        return res, {"mu": mu, "nu": nu, "nu_max": nu_max}
+
+    out, new_buffers = _per_dtype_group(plan, group_step)
     return out, fp._new_state(plan, state, new_buffers, new_counts)

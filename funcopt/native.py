@@ -24,11 +24,11 @@ arithmetic follows torch's fused CPU kernels with the hyperparameters cast to th
 first, so the numbers equal the in-place fast path's to float rounding (tests check both, and
 the native Adam step against ``torch.optim.Adam(fused=True)``).
 
-**Building.** The C source (``funcopt/native_kernels.c``, about 250 lines) is compiled the
+**Building.** The C source (``funcopt/native_kernels.c``, about 300 lines) is compiled the
 first time a large enough step runs, with the C compiler named by ``$CC`` or found on
 ``PATH`` (``cc``, ``gcc``, ``clang``), as ``-O3 -march=native -fopenmp``, into a temporary
 directory that is deleted right after loading: nothing is left on disk, and nothing is reused
-across processes (a library built for one CPU never runs on another). It takes about 0.5 s,
+across processes (a library built for one CPU never runs on another). It takes about 1.3 s,
 once per process. The library runs its threads in the OpenMP runtime torch already loaded
 (``torch.get_num_threads()`` threads). After loading, a self-test compares every kernel with
 torch's on random data; any failure (no compiler, no OpenMP, no AVX2, not Linux on x86-64, a
@@ -40,7 +40,6 @@ use ``with funcopt.native.enabled(False): ...`` (this thread only).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import os
@@ -50,11 +49,13 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from funcopt.thread_switch import ThreadSwitch
 
 __all__ = ["MIN_ELEMENTS", "available", "unavailable_reason", "enabled", "is_enabled"]
 
@@ -86,11 +87,7 @@ class _SgdArgs(ctypes.Structure):
     ]
 
 
-class _Switch(threading.local):
-    enabled = True
-
-
-_SWITCH = _Switch()
+_SWITCH = ThreadSwitch()
 
 
 def is_enabled() -> bool:
@@ -98,20 +95,14 @@ def is_enabled() -> bool:
     return _SWITCH.enabled
 
 
-@contextlib.contextmanager
-def enabled(flag: bool) -> Iterator[None]:
+def enabled(flag: bool) -> AbstractContextManager[None]:
     """Context manager switching the native kernels on or off in this thread.
 
     Example:
         >>> with funcopt.native.enabled(False):
         ...     updates, state = tx.update(grads, state)   # torch's kernels on copies
     """
-    previous = _SWITCH.enabled
-    _SWITCH.enabled = bool(flag)
-    try:
-        yield
-    finally:
-        _SWITCH.enabled = previous
+    return _SWITCH.set(flag)
 
 
 class _Library:
@@ -186,13 +177,10 @@ def _build() -> tuple[Any, str | None]:
     if lib.funcopt_native_abi() != expected:
         return None, "the native kernels' argument layout does not match funcopt.native"
     for dtype in _DTYPES.values():
-        for name, args in (("adam", _AdamArgs), ("sgd", _SgdArgs)):
+        for name in ("adam", "sgd", "add"):
             fn = getattr(lib, f"funcopt_{name}_{dtype}")
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(args), ctypes.c_int]
-        fn = getattr(lib, f"funcopt_add_{dtype}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+            fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib, None
 
 
@@ -210,8 +198,9 @@ def usable(tensors: list[torch.Tensor]) -> bool:
     return _LIBRARY.get() is not None
 
 
-def _call(fn_name: str, dtype: torch.dtype, columns: list[list[torch.Tensor] | None], *extra: Any) -> None:
-    """Runs one kernel over aligned columns (None for an unused array)."""
+def _call(fn_name: str, dtype: torch.dtype, columns: list[list[torch.Tensor] | None], args: Any) -> None:
+    """Runs one kernel over aligned columns (None for an unused array); ``args`` is a
+    ``ctypes.byref`` of the kernel's argument struct."""
     n = len(next(c for c in columns if c is not None))
     ptrs: list[int] = []
     for k in range(n):
@@ -222,7 +211,7 @@ def _call(fn_name: str, dtype: torch.dtype, columns: list[list[torch.Tensor] | N
     if lib is None:
         raise RuntimeError(f"funcopt.native: the kernels are not available here ({_LIBRARY.reason})")
     fn = getattr(lib, f"funcopt_{fn_name}_{_DTYPES[dtype]}")
-    status = fn(n, (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * n)(*sizes), *extra, threads)
+    status = fn(n, (ctypes.c_void_p * len(ptrs))(*ptrs), (ctypes.c_int64 * n)(*sizes), args, threads)
     if status != 0:
         raise MemoryError(f"funcopt.native: the {fn_name} kernel could not allocate its work list")
 
@@ -307,7 +296,7 @@ def sgd(
 def add(x: list[torch.Tensor], y: list[torch.Tensor]) -> list[torch.Tensor]:
     """Fresh ``x + y`` leaf-wise (one dtype, equal shapes), as ``torch._foreach_add``."""
     out = _fresh(x)
-    _call("add", x[0].dtype, [x, y, out], _streams(x, 1))
+    _call("add", x[0].dtype, [x, y, out], ctypes.byref(ctypes.c_int64(_streams(x, 1))))
     return out
 
 

@@ -3,7 +3,7 @@
  * torch's fused optimizer kernels only update their buffers in place, so a pure step built on
  * them must first copy the state it may not overwrite. These kernels read the old buffers and
  * write the results into separate, freshly allocated ones in one pass. Every kernel works on a
- * list of tensors at once: `ptrs` holds `narrays` pointers per tensor (tensor k's arrays at
+ * list of tensors at once: `ptrs` holds NARRAYS pointers per tensor (tensor k's arrays at
  * ptrs[k * narrays + a]), `sizes[k]` its number of elements. The work is cut into chunks of
  * CHUNK elements across all tensors and shared among OpenMP threads (torch's own libgomp when
  * loaded into a process that has imported torch). Large outputs are written with
@@ -78,6 +78,10 @@ typedef struct {
   int64_t has_buf, first, nesterov, maximize, l2, write_params, nontemporal;
 } sgd_args;
 
+typedef struct {
+  int64_t nontemporal;
+} add_args;
+
 /* Chunk bookkeeping shared by every kernel: the prefix sums of chunks per tensor. */
 static int64_t *chunk_starts(int64_t ntensors, const int64_t *sizes) {
   int64_t *start = (int64_t *)malloc(sizeof(int64_t) * (size_t)(ntensors + 1));
@@ -102,8 +106,8 @@ static int aligned32(void *const *outs, int nouts, int64_t lo, int64_t elem) {
  * arithmetic). Smaller blocks usually come from the heap, which is left alone. Only a hint:
  * with THP off ("never") nothing changes. */
 #define HUGE_BYTES (32 << 20)
-static void advise_huge(void *const *a, int64_t ntensors, int narrays, int first_out, const int64_t *sizes,
-                        int64_t elem) {
+static void advise_huge(void *const *a, int64_t ntensors, int narrays, int first_out,
+                        const int64_t *sizes, int64_t elem) {
 #ifdef MADV_HUGEPAGE
   const uintptr_t huge = (uintptr_t)2 << 20;
   for (int64_t k = 0; k < ntensors; k++) {
@@ -121,36 +125,38 @@ static void advise_huge(void *const *a, int64_t ntensors, int narrays, int first
 #endif
 }
 
-/* Runs BODY(k, lo, hi) over every chunk, in parallel, after advise_huge on the outputs (the
- * arrays from first_out on). Returns -1 if out of memory. */
-#define FOR_EACH_CHUNK(ntensors, sizes, nthreads, narrays, first_out, elem, BODY)              \
-  do {                                                                                         \
-    int64_t *start_ = chunk_starts((ntensors), (sizes));                                      \
-    if (!start_) return -1;                                                                    \
-    advise_huge((void *const *)a, (ntensors), (narrays), (first_out), (sizes), (elem));        \
-    const int64_t total_ = start_[(ntensors)];                                                 \
+/* Defines the exported kernel NAME(ntensors, ptrs, sizes, args, nthreads): NAME##_range over
+ * every chunk of every tensor, shared among `nthreads` OpenMP threads, after advise_huge on
+ * the outputs (the arrays from FIRST_OUT on). Returns 0, or -1 if out of memory. */
+#define ENTRY(NAME, T, NARRAYS, FIRST_OUT)                                                     \
+  int NAME(int64_t ntensors, void **ptrs, const int64_t *sizes, const void *args, int nthreads) { \
+    T **a = (T **)ptrs;                                                                        \
+    int64_t *start = chunk_starts(ntensors, sizes);                                            \
+    if (!start) return -1;                                                                     \
+    advise_huge((void *const *)a, ntensors, NARRAYS, FIRST_OUT, sizes, (int64_t)sizeof(T));    \
+    const int64_t total = start[ntensors];                                                     \
     _Pragma("omp parallel num_threads(nthreads)") {                                            \
-      int64_t k_ = 0;                                                                          \
-      _Pragma("omp for schedule(static)") for (int64_t c_ = 0; c_ < total_; c_++) {            \
-        while (start_[k_ + 1] <= c_) k_++;                                                     \
-        while (start_[k_] > c_) k_--;                                                          \
-        const int64_t lo_ = (c_ - start_[k_]) * CHUNK;                                         \
-        int64_t hi_ = lo_ + CHUNK;                                                             \
-        if (hi_ > (sizes)[k_]) hi_ = (sizes)[k_];                                              \
-        BODY(k_, lo_, hi_);                                                                    \
+      int64_t k = 0;                                                                           \
+      _Pragma("omp for schedule(static)") for (int64_t c = 0; c < total; c++) {                \
+        while (start[k + 1] <= c) k++; /* each thread's chunks ascend */                       \
+        const int64_t lo = (c - start[k]) * CHUNK;                                             \
+        const int64_t hi = lo + CHUNK < sizes[k] ? lo + CHUNK : sizes[k];                      \
+        NAME##_range(a + NARRAYS * k, lo, hi, args);                                           \
       }                                                                                        \
-      _mm_sfence();                                                                            \
+      _mm_sfence(); /* order this thread's streaming stores before returning */                \
     }                                                                                          \
-    free(start_);                                                                              \
-  } while (0)
+    free(start);                                                                               \
+    return 0;                                                                                  \
+  }
 
 /* ---- Adam / AdamW -------------------------------------------------------------------------
  * arrays per tensor (9): g, m, v, vmax, p, out, m_out, v_out, vmax_out. vmax/vmax_out are used
  * with amsgrad, p with L2 or decoupled decay or write_params. `out` receives the update
  * (-step_size * m' / denom, minus lr*wd*p when decoupled) or, with write_params, the new
  * params (p - step_size * m' / denom, p scaled by 1 - lr*wd first when decoupled). */
-#define ADAM_KERNEL(NAME, T, P, NARRAYS, FIRST_OUT)                                                                \
-  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, const adam_args *h) {          \
+#define ADAM_KERNEL(NAME, T, P)                                                                \
+  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, const void *args) {            \
+    const adam_args *h = (const adam_args *)args;                                              \
     const T *g = a[0], *m = a[1], *v = a[2], *vmax = a[3], *p = a[4];                          \
     T *out = a[5], *mo = a[6], *vo = a[7], *vmaxo = a[8];                                      \
     const T b2 = (T)h->b2, w1 = (T)h->w1, w2 = (T)h->w2;                                       \
@@ -218,25 +224,21 @@ static void advise_huge(void *const *a, int64_t ntensors, int narrays, int first
         out[i] = r;                                                                            \
       }                                                                                        \
     }                                                                                          \
-  }                                                                                            \
-  int NAME(int64_t ntensors, void **ptrs, const int64_t *sizes, const adam_args *h, int nthreads) { \
-    T **a = (T **)ptrs;                                                                        \
-    FOR_EACH_CHUNK(ntensors, sizes, nthreads, NARRAYS, FIRST_OUT, (int64_t)sizeof(T), NAME##_BODY);                                    \
-    return 0;                                                                                  \
   }
 
-#define funcopt_adam_f32_BODY(k, lo, hi) funcopt_adam_f32_range(a + 9 * (k), lo, hi, h)
-#define funcopt_adam_f64_BODY(k, lo, hi) funcopt_adam_f64_range(a + 9 * (k), lo, hi, h)
-ADAM_KERNEL(funcopt_adam_f32, float, F, 9, 5)
-ADAM_KERNEL(funcopt_adam_f64, double, D, 9, 5)
+ADAM_KERNEL(funcopt_adam_f32, float, F)
+ADAM_KERNEL(funcopt_adam_f64, double, D)
+ENTRY(funcopt_adam_f32, float, 9, 5)
+ENTRY(funcopt_adam_f64, double, 9, 5)
 
 /* ---- SGD with momentum ---------------------------------------------------------------------
  * arrays per tensor (5): g, buf, p, out, buf_out. d = g (sign-flipped, plus wd*p for L2);
  * with a momentum buffer: buf' = d on the first step, else buf*momentum + d*(1 - dampening);
  * then d = buf' (or d + buf'*momentum with nesterov). `out` is d * -lr or, with write_params,
  * p + d * -lr. */
-#define SGD_KERNEL(NAME, T, P, NARRAYS, FIRST_OUT)                                                                 \
-  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, const sgd_args *h) {           \
+#define SGD_KERNEL(NAME, T, P)                                                                 \
+  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, const void *args) {            \
+    const sgd_args *h = (const sgd_args *)args;                                                \
     const T *g = a[0], *buf = a[1], *p = a[2];                                                 \
     T *out = a[3], *bo = a[4];                                                                 \
     const T nlr = (T)(-h->lr), mom = (T)h->momentum, damp = (T)(1.0 - h->dampening);           \
@@ -271,22 +273,18 @@ ADAM_KERNEL(funcopt_adam_f64, double, D, 9, 5)
       const T r = d * nlr;                                                                     \
       out[i] = h->write_params ? p[i] + r : r;                                                 \
     }                                                                                          \
-  }                                                                                            \
-  int NAME(int64_t ntensors, void **ptrs, const int64_t *sizes, const sgd_args *h, int nthreads) { \
-    T **a = (T **)ptrs;                                                                        \
-    FOR_EACH_CHUNK(ntensors, sizes, nthreads, NARRAYS, FIRST_OUT, (int64_t)sizeof(T), NAME##_BODY);                                    \
-    return 0;                                                                                  \
   }
 
-#define funcopt_sgd_f32_BODY(k, lo, hi) funcopt_sgd_f32_range(a + 5 * (k), lo, hi, h)
-#define funcopt_sgd_f64_BODY(k, lo, hi) funcopt_sgd_f64_range(a + 5 * (k), lo, hi, h)
-SGD_KERNEL(funcopt_sgd_f32, float, F, 5, 3)
-SGD_KERNEL(funcopt_sgd_f64, double, D, 5, 3)
+SGD_KERNEL(funcopt_sgd_f32, float, F)
+SGD_KERNEL(funcopt_sgd_f64, double, D)
+ENTRY(funcopt_sgd_f32, float, 5, 3)
+ENTRY(funcopt_sgd_f64, double, 5, 3)
 
 /* ---- out = x + y (apply_updates) -----------------------------------------------------------
  * arrays per tensor (3): x, y, out. */
-#define ADD_KERNEL(NAME, T, P, NARRAYS, FIRST_OUT)                                                                 \
-  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, int64_t nontemporal) {         \
+#define ADD_KERNEL(NAME, T, P)                                                                 \
+  static void NAME##_range(T *const *a, int64_t lo, int64_t hi, const void *args) {            \
+    const int64_t nontemporal = ((const add_args *)args)->nontemporal;                         \
     const T *x = a[0], *y = a[1];                                                              \
     T *out = a[2];                                                                             \
     void *outs[1] = {out};                                                                     \
@@ -295,17 +293,12 @@ SGD_KERNEL(funcopt_sgd_f64, double, D, 5, 3)
     for (; i + P##_W <= hi; i += P##_W)                                                        \
       STORE(P, out + i, P##_ADD(P##_LOAD(x + i), P##_LOAD(y + i)), nt);                     \
     for (; i < hi; i++) out[i] = x[i] + y[i];                                                  \
-  }                                                                                            \
-  int NAME(int64_t ntensors, void **ptrs, const int64_t *sizes, int64_t nontemporal, int nthreads) { \
-    T **a = (T **)ptrs;                                                                        \
-    FOR_EACH_CHUNK(ntensors, sizes, nthreads, NARRAYS, FIRST_OUT, (int64_t)sizeof(T), NAME##_BODY);                                    \
-    return 0;                                                                                  \
   }
 
-#define funcopt_add_f32_BODY(k, lo, hi) funcopt_add_f32_range(a + 3 * (k), lo, hi, nontemporal)
-#define funcopt_add_f64_BODY(k, lo, hi) funcopt_add_f64_range(a + 3 * (k), lo, hi, nontemporal)
-ADD_KERNEL(funcopt_add_f32, float, F, 3, 2)
-ADD_KERNEL(funcopt_add_f64, double, D, 3, 2)
+ADD_KERNEL(funcopt_add_f32, float, F)
+ADD_KERNEL(funcopt_add_f64, double, D)
+ENTRY(funcopt_add_f32, float, 3, 2)
+ENTRY(funcopt_add_f64, double, 3, 2)
 
 /* The layout version of the argument structs, checked by funcopt/native.py after loading. */
 int funcopt_native_abi(void) { return (int)(sizeof(adam_args) * 100 + sizeof(sgd_args)); }

@@ -5,7 +5,9 @@ checks that they agree:
 
 - ``make_step(loss_fn, tx)`` (donate=True, the default): the step gives the params and the
   optimizer state's buffers to torch's fused Adam kernel, which updates them in place;
-- ``make_step(loss_fn, tx, donate=False)``: the pure step, which leaves its inputs untouched;
+- ``make_step(loss_fn, tx, donate=False)``: the pure step, which leaves its inputs untouched
+  (on the CPU through funcopt.native's single-pass kernels where they build, and once more
+  with them switched off, torch's kernels on copies);
 - ``torch.optim.Adam(fused=True)`` on an identical ``nn.Module``, the usual PyTorch loop.
 
 It prints the test accuracy, the largest parameter difference between the three runs, and the
@@ -61,19 +63,25 @@ def main() -> None:
         return F.cross_entropy(funcopt.nn.apply(model, params, None, xb), yb)
 
     tx = funcopt.adam(1e-3)
+    native = funcopt.native.available()  # the pure step's single-pass CPU kernels (built here on first use)
+    print(f"funcopt.native kernels: {'built' if native else funcopt.native.unavailable_reason()}")
+    configs = [("make_step (donate=True)", True, True), ("make_step (donate=False)", False, True)]
+    if native:
+        configs.append(("make_step (donate=False), no native", False, False))
     runs = {}
-    for name, donate in (("make_step (donate=True)", True), ("make_step (donate=False)", False)):
+    for name, donate, use_native in configs:
         params, _ = funcopt.nn.extract(model)
         opt_state = tx.init(params)
         step = funcopt.make_step(loss_fn, tx, donate=donate)
         times = []
-        for epoch in range(epochs):
-            order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))]
-            for i in range(0, len(order), batch):
-                idx = order[i : i + batch]
-                t = time.perf_counter()
-                params, opt_state, loss = step(params, opt_state, X[idx], y[idx])
-                times.append(time.perf_counter() - t)
+        with funcopt.native.enabled(use_native):
+            for epoch in range(epochs):
+                order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))]
+                for i in range(0, len(order), batch):
+                    idx = order[i : i + batch]
+                    t = time.perf_counter()
+                    params, opt_state, loss = step(params, opt_state, X[idx], y[idx])
+                    times.append(time.perf_counter() - t)
         runs[name] = (params, statistics.median(times))
 
     torch_opt = torch.optim.Adam(reference.parameters(), lr=1e-3, fused=True)
@@ -90,13 +98,13 @@ def main() -> None:
     runs["torch.optim.Adam(fused=True)"] = (dict(reference.named_parameters()), statistics.median(times))
 
     donated = runs["make_step (donate=True)"][0]
-    print(f"{'run':32s} {'test acc':>8s} {'max |param diff|':>17s} {'ms/step':>8s}")
+    print(f"{'run':36s} {'test acc':>8s} {'max |param diff|':>17s} {'ms/step':>8s}")
     for name, (params, median) in runs.items():
         params = tree.map(torch.detach, params)
         with torch.no_grad():
             acc = (funcopt.nn.apply(model, params, None, X[test]).argmax(1) == y[test]).float().mean().item()
         diff = max((a - b).abs().max().item() for a, b in zip(tree.leaves(params), tree.leaves(donated)))
-        print(f"{name:32s} {acc:8.3f} {diff:17.2e} {median * 1e3:8.3f}")
+        print(f"{name:36s} {acc:8.3f} {diff:17.2e} {median * 1e3:8.3f}")
         assert diff < 1e-4, f"{name} diverged from the donated run by {diff}"
         assert acc > (0.5 if args.fast else 0.9), f"{name}: test accuracy {acc:.3f} is too low"
 

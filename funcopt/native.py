@@ -43,7 +43,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -158,8 +157,9 @@ def _build() -> tuple[Any, str | None]:
     """Compiles and loads the kernels; returns (library, None) or (None, why not)."""
     if os.environ.get("FUNCOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "switched off by FUNCOPT_NATIVE=0"
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"the native kernels are built for Linux on x86-64 only (this is {sys.platform} on {platform.machine()})"
+    machine = os.uname().machine if hasattr(os, "uname") else "unknown"
+    if not sys.platform.startswith("linux") or machine.lower() not in ("x86_64", "amd64"):
+        return None, f"the native kernels are built for Linux on x86-64 only (this is {sys.platform} on {machine})"
     cc = _compiler()
     if cc is None:
         return None, "no C compiler found (set $CC or put cc/gcc/clang on PATH)"

@@ -24,8 +24,8 @@ import scipy.optimize
 import torch
 
 import funcopt
-from funcopt.lbfgs import lbfgs
-from funcopt.minimize import minimize
+from funcopt.solvers import lbfgs
+from funcopt.solvers import minimize
 
 DTYPE = torch.float64
 

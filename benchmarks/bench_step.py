@@ -11,8 +11,8 @@ step) all update *one shared set of buffers* (params, gradients, state), so that
 compared on the same memory: on this kind of virtual machine, equal buffers allocated at
 different times run the same kernel up to 10-20% apart, which would otherwise decide the
 comparison. The pure rows allocate their outputs anyway and keep their own inputs; they run
-twice, with :mod:`funcopt.native`'s single-pass kernels (the default where they build) and
-with torch's in-place kernels on copies (``funcopt.native.enabled(False)``). Before
+twice, with :mod:`funcopt.fast.native`'s single-pass kernels (the default where they build) and
+with torch's in-place kernels on copies (``funcopt.fast.native.enabled(False)``). Before
 every step, a 64 MB write evicts the last-level cache (32 MB here): each step starts cold, as
 in training, where the forward and backward passes run between two optimizer steps (and as
 the issue's reference figures, with torch fused at 0.85-0.97 of the DRAM bandwidth bound on
@@ -29,7 +29,7 @@ S3 = an Iris MLP 4-1024-1024-3 (1.06M elements). All fp32.
 Run:
     python benchmarks/bench_step.py            # full run (about 3-6 minutes on 2 cores)
     python benchmarks/bench_step.py --quick    # short run, fewer rounds, no torch.compile row
-    python benchmarks/bench_step.py --tune-allocator   # with funcopt.fused.configure_cpu_allocator()
+    python benchmarks/bench_step.py --tune-allocator   # with funcopt.fast.configure_cpu_allocator()
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ from typing import Callable
 import torch
 
 import funcopt
-from funcopt import fused, native
-from funcopt.train_step import apply_gradients
+from funcopt import apply_gradients
+from funcopt import fast as fused
+from funcopt.fast import native
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -248,7 +249,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="S1,S2,S3")
     parser.add_argument("--optimizers", default="adam,sgd_momentum")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    parser.add_argument("--tune-allocator", action="store_true", help="call funcopt.fused.configure_cpu_allocator() first")
+    parser.add_argument("--tune-allocator", action="store_true", help="call funcopt.fast.configure_cpu_allocator() first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.tune_allocator:
@@ -257,7 +258,7 @@ def main() -> None:
     warmup = 2 if args.quick else 3
     compile_row = not (args.quick or args.no_compile)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up")
-    print(f"funcopt.native kernels: {'built' if native.available() else native.unavailable_reason()}\n")
+    print(f"funcopt.fast.native kernels: {'built' if native.available() else native.unavailable_reason()}\n")
     for which in args.optimizers.split(","):
         for size in args.sizes.split(","):
             print(run(which, size, rounds, warmup, compile_row), flush=True)

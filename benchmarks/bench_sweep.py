@@ -88,7 +88,7 @@ def run_sweep(model, batches, hp, step_mode):
 
 def step_only(model, k: int, repeats: int, inner: int = 20) -> dict[str, float]:
     """Milliseconds per optimizer step for K configurations (no forward/backward)."""
-    from funcopt.stacked import stacked_update, vmapped_update
+    from funcopt.sweep import stacked_update, vmapped_update
 
     params0, _ = funcopt.nn.extract(model)
     hp = configs(k)

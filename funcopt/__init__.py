@@ -10,20 +10,18 @@ An optimizer is a ``GradientTransformation(init, update)`` of pure functions ove
 
 from funcopt import checkpoint as checkpoint
 from funcopt import distributed as distributed
-from funcopt import fused as fused
+from funcopt import fast as fast
 from funcopt import implicit as implicit
 from funcopt import interop as interop
 from funcopt import linalg as linalg
 from funcopt import lr_finder as lr_finder
-from funcopt import native as native
 from funcopt import nn as nn
-from funcopt import plateau as plateau
 from funcopt import schedules as schedules
-from funcopt import stacked as stacked
 from funcopt import sweep as sweep
-from funcopt import train_step as train_step
 from funcopt import tree as tree
-from funcopt import wrappers as wrappers
+from funcopt import optimizers as optimizers
+from funcopt import solvers as solvers
+from funcopt import transforms as transforms
 from funcopt.base import apply_updates as apply_updates
 from funcopt.base import chain as chain
 from funcopt.base import EmptyState as EmptyState
@@ -39,24 +37,24 @@ from funcopt.checkpoint import CheckpointManager as CheckpointManager
 from funcopt.implicit import custom_root as custom_root
 from funcopt.implicit import hypergradient as hypergradient
 from funcopt.implicit import unrolled_hypergradient as unrolled_hypergradient
-from funcopt.inject import get_hyperparams as get_hyperparams
-from funcopt.inject import inject_hyperparams as inject_hyperparams
-from funcopt.inject import InjectHyperparamsState as InjectHyperparamsState
-from funcopt.inject import set_hyperparams as set_hyperparams
-from funcopt.lbfgs import lbfgs as lbfgs
-from funcopt.lbfgs import scale_by_lbfgs as scale_by_lbfgs
-from funcopt.lbfgs import ScaleByLbfgsState as ScaleByLbfgsState
-from funcopt.linesearch import LINESEARCH_STATUS as LINESEARCH_STATUS
-from funcopt.linesearch import scale_by_backtracking_linesearch as scale_by_backtracking_linesearch
-from funcopt.linesearch import scale_by_zoom_linesearch as scale_by_zoom_linesearch
-from funcopt.linesearch import ScaleByBacktrackingLinesearchState as ScaleByBacktrackingLinesearchState
-from funcopt.linesearch import ScaleByZoomLinesearchState as ScaleByZoomLinesearchState
-from funcopt.linesearch import value_and_grad_from_state as value_and_grad_from_state
+from funcopt.transforms import get_hyperparams as get_hyperparams
+from funcopt.transforms import inject_hyperparams as inject_hyperparams
+from funcopt.transforms import InjectHyperparamsState as InjectHyperparamsState
+from funcopt.transforms import set_hyperparams as set_hyperparams
+from funcopt.solvers import lbfgs as lbfgs
+from funcopt.solvers import scale_by_lbfgs as scale_by_lbfgs
+from funcopt.solvers import ScaleByLbfgsState as ScaleByLbfgsState
+from funcopt.solvers import LINESEARCH_STATUS as LINESEARCH_STATUS
+from funcopt.solvers import scale_by_backtracking_linesearch as scale_by_backtracking_linesearch
+from funcopt.solvers import scale_by_zoom_linesearch as scale_by_zoom_linesearch
+from funcopt.solvers import ScaleByBacktrackingLinesearchState as ScaleByBacktrackingLinesearchState
+from funcopt.solvers import ScaleByZoomLinesearchState as ScaleByZoomLinesearchState
+from funcopt.solvers import value_and_grad_from_state as value_and_grad_from_state
 from funcopt.lr_finder import lr_find as lr_find
 from funcopt.lr_finder import lr_sweep as lr_sweep
 from funcopt.lr_finder import LRFinderResult as LRFinderResult
-from funcopt.minimize import minimize as minimize
-from funcopt.minimize import MinimizeResult as MinimizeResult
+from funcopt.solvers import minimize as minimize
+from funcopt.solvers import MinimizeResult as MinimizeResult
 from funcopt.optimizers import adagrad as adagrad
 from funcopt.optimizers import adam as adam
 from funcopt.optimizers import adamax as adamax
@@ -67,14 +65,14 @@ from funcopt.optimizers import nadam as nadam
 from funcopt.optimizers import radam as radam
 from funcopt.optimizers import rmsprop as rmsprop
 from funcopt.optimizers import sgd as sgd
-from funcopt.plateau import reduce_on_plateau as reduce_on_plateau
-from funcopt.plateau import ReduceOnPlateauState as ReduceOnPlateauState
+from funcopt.transforms import reduce_on_plateau as reduce_on_plateau
+from funcopt.transforms import ReduceOnPlateauState as ReduceOnPlateauState
 from funcopt.sweep import SweepResult as SweepResult
-from funcopt.torch_optimizer import as_torch_optimizer as as_torch_optimizer
-from funcopt.torch_optimizer import FuncoptOptimizer as FuncoptOptimizer
-from funcopt.train_step import apply_gradients as apply_gradients
-from funcopt.train_step import DonatedValueError as DonatedValueError
-from funcopt.train_step import make_step as make_step
+from funcopt.interop import as_torch_optimizer as as_torch_optimizer
+from funcopt.interop import FuncoptOptimizer as FuncoptOptimizer
+from funcopt.fast import apply_gradients as apply_gradients
+from funcopt.fast import DonatedValueError as DonatedValueError
+from funcopt.fast import make_step as make_step
 from funcopt.transforms import add_decayed_weights as add_decayed_weights
 from funcopt.transforms import clip as clip
 from funcopt.transforms import clip_by_global_norm as clip_by_global_norm
@@ -98,15 +96,25 @@ from funcopt.transforms import ScaleByRssState as ScaleByRssState
 from funcopt.transforms import ScaleByScheduleState as ScaleByScheduleState
 from funcopt.transforms import trace as trace
 from funcopt.transforms import TraceState as TraceState
-from funcopt.wrappers import accumulate as accumulate
-from funcopt.wrappers import AccumulateState as AccumulateState
-from funcopt.wrappers import apply_if_finite as apply_if_finite
-from funcopt.wrappers import ApplyIfFiniteState as ApplyIfFiniteState
-from funcopt.wrappers import freeze as freeze
-from funcopt.wrappers import masked as masked
-from funcopt.wrappers import MaskedState as MaskedState
-from funcopt.wrappers import multi_transform as multi_transform
-from funcopt.wrappers import MultiTransformState as MultiTransformState
-from funcopt.wrappers import set_to_zero as set_to_zero
+from funcopt.transforms import accumulate as accumulate
+from funcopt.transforms import AccumulateState as AccumulateState
+from funcopt.transforms import apply_if_finite as apply_if_finite
+from funcopt.transforms import ApplyIfFiniteState as ApplyIfFiniteState
+from funcopt.transforms import freeze as freeze
+from funcopt.transforms import masked as masked
+from funcopt.transforms import MaskedState as MaskedState
+from funcopt.transforms import multi_transform as multi_transform
+from funcopt.transforms import MultiTransformState as MultiTransformState
+from funcopt.transforms import set_to_zero as set_to_zero
 
-__version__ = "0.1.0"
+if hasattr(fast, "native"):  # the optional native backend
+    native = fast.native
+
+# Deprecated module aliases kept from 0.1.0 (the modules moved into packages in 0.2.0).
+fused = fast
+train_step = fast
+wrappers = transforms
+plateau = transforms
+stacked = sweep
+
+__version__ = "0.2.0"

@@ -8,7 +8,6 @@ from typing import Any, Callable, NamedTuple, Protocol, Union
 import optree
 import torch
 
-from funcopt import native as _native
 from funcopt import tree as _tree
 
 __all__ = [
@@ -24,6 +23,11 @@ __all__ = [
     "chain",
     "identity",
     "apply_updates",
+    "register_tree_adder",
+    "float_leaves",
+    "stable_name",
+    "stable_name_of",
+    "type_of_stable_name",
 ]
 
 PyTree = Any
@@ -61,6 +65,47 @@ class GradientTransformation(NamedTuple):
     update: TransformUpdateFn
 
 
+_STABLE_NAMES: dict[str, type] = {}
+
+
+def stable_name(name: str) -> Callable[[type], type]:
+    """Class decorator: the name checkpoints record a funcopt NamedTuple type under.
+
+    The name (``"funcopt.ScaleByAdamState"``) does not depend on the module the class lives in,
+    so moving a class never breaks a saved file. Each name belongs to one class.
+
+    Example:
+        >>> @stable_name("funcopt.ScaleByAdamState")
+        ... class ScaleByAdamState(NamedTuple): ...
+    """
+    if not isinstance(name, str) or not name.startswith("funcopt."):
+        raise ValueError(f"stable_name: a funcopt stable name starts with 'funcopt.', got {name!r}")
+
+    def decorate(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields")):
+            raise TypeError(f"stable_name: {cls!r} is not a NamedTuple class")
+        other = _STABLE_NAMES.get(name)
+        if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+            raise ValueError(f"stable_name: {name!r} is already the name of {other.__module__}.{other.__qualname__}")
+        _STABLE_NAMES[name] = cls
+        cls.__funcopt_name__ = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def stable_name_of(cls: type) -> str | None:
+    """The stable name of a funcopt NamedTuple type (see :func:`stable_name`), else None."""
+    name = cls.__dict__.get("__funcopt_name__")
+    return name if name is not None and _STABLE_NAMES.get(name) is cls else None
+
+
+def type_of_stable_name(name: str) -> type | None:
+    """The funcopt NamedTuple type with the stable name ``name``, else None."""
+    return _STABLE_NAMES.get(name)
+
+
+@stable_name("funcopt.EmptyState")
 class EmptyState(NamedTuple):
     """The state of a stateless transformation."""
 
@@ -123,18 +168,20 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     Each result keeps the dtype of its parameter. The two trees must have the same structure;
     a mismatch raises ``ValueError`` naming the first differing path. Plain tensors of equal
     dtype, shape and device, none requiring grad, are added with one multi-tensor
-    ``torch._foreach_add`` (the same numbers, less per-leaf overhead), or, for large
-    float32/float64 CPU trees, with :func:`funcopt.native.add` (one pass, streaming stores;
-    bitwise the same sums); elsewhere (under ``torch.func`` transforms and ``torch.compile``,
-    or for mixed leaves) leaf by leaf.
+    ``torch._foreach_add`` (the same numbers, less per-leaf overhead), or by a registered
+    adder (:func:`register_tree_adder`; the native backend adds large float32/float64 CPU
+    trees in one pass with streaming stores, bitwise the same sums); elsewhere (under
+    ``torch.func`` transforms and ``torch.compile``, or for mixed leaves) leaf by leaf.
     """
     p, spec = optree.tree_flatten(params, none_is_leaf=False)
     u, u_spec = optree.tree_flatten(updates, none_is_leaf=False)
     if u_spec != spec:
         _tree.check_same_structure(params, updates, ("params", "updates"))
     if _can_add_together(p, u):
-        if _native_can_add(p, u):
-            return optree.tree_unflatten(spec, _native.add(p, u))
+        for adder in _TREE_ADDERS:
+            added = adder(p, u)
+            if added is not None:
+                return optree.tree_unflatten(spec, added)
         if len(p) > 1:
             return optree.tree_unflatten(spec, torch._foreach_add(p, u))
 
@@ -151,20 +198,20 @@ _SHAPE = operator.attrgetter("shape")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-def _native_can_add(p: list[Any], u: list[Any]) -> bool:
-    """Whether ``funcopt.native.add`` may add these leaves (already checked by
-    :func:`_can_add_together`): one float32/float64 dtype, all contiguous, all on the CPU."""
-    return (
-        p[0].dtype in _NATIVE_DTYPES
-        and _native.usable(p)  # first: it rejects small trees cheaply
-        and len(set(map(_DTYPE, p))) == 1
-        and set(map(torch.Tensor.get_device, p)) == {-1}
-        and all(map(torch.Tensor.is_contiguous, p))
-        and all(map(torch.Tensor.is_contiguous, u))
-    )
+_TREE_ADDERS: list[Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor] | None]] = []
 
 
-_NATIVE_DTYPES = (torch.float32, torch.float64)
+def register_tree_adder(adder: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor] | None]) -> None:
+    """Lets :func:`apply_updates` try ``adder(p, u)`` before ``torch._foreach_add``.
+
+    ``p`` and ``u`` are aligned lists of plain float tensors of equal dtype, shape and device,
+    none requiring grad, outside ``torch.func`` transforms and ``torch.compile``. The adder
+    returns fresh tensors equal to ``[a + b for a, b in zip(p, u)]`` bitwise, or None to pass.
+    A backend registers one when it is imported (``funcopt.fast.native`` does); registering
+    the same adder twice has no effect.
+    """
+    if adder not in _TREE_ADDERS:
+        _TREE_ADDERS.append(adder)
 
 
 def _can_add_together(p: list[Any], u: list[Any]) -> bool:
@@ -184,6 +231,22 @@ def _can_add_together(p: list[Any], u: list[Any]) -> bool:
         )
     except (AttributeError, RuntimeError):
         return False
+
+
+def float_leaves(tree: PyTree, name: str, where: str, hint: str = "") -> list[torch.Tensor]:
+    """The leaves of ``tree``; raises unless there is at least one and all are floating-point
+    tensors (the message names ``where``, the argument ``name`` and the leaf's path)."""
+    leaves = _tree.leaves(tree)
+    if not leaves:
+        raise FuncoptError(f"{where}: `{name}` has no tensor leaves.")
+    for path, x in zip(_tree.paths(tree), leaves):
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(
+                f"{where}: leaf {path} of `{name}` is "
+                + (f"a tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__)
+                + f"; it must be a floating-point tensor{hint}."
+            )
+    return leaves
 
 
 def check_state(state: Any, expected: type, transform_name: str) -> None:

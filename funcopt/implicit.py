@@ -28,9 +28,8 @@ import optree
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import FuncoptError, GradientTransformation, PyTree, apply_updates
+from funcopt.base import FuncoptError, GradientTransformation, PyTree, apply_updates, float_leaves
 from funcopt.linalg import hvp_operator, mixed_vjp, solve_cg
-from funcopt.linalg_common import _check_float_tree
 
 __all__ = ["hypergradient", "custom_root", "unrolled_hypergradient", "minimize_inner"]
 
@@ -49,7 +48,7 @@ def _check_solution(x: PyTree, like: PyTree, what: str) -> None:
 
 
 def _check_tensor_tree(t: PyTree, name: str, where: str) -> None:
-    _check_float_tree(
+    float_leaves(
         t, name, where, " (hyperparameters that are Python floats cannot be differentiated: pass torch.tensor(value))"
     )
 

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import funcopt
-from funcopt import checkpoint as ck
-from funcopt import checkpoint_tree
+import funcopt.checkpoint as ck
+from funcopt.checkpoint import _names
 from funcopt.checkpoint import CheckpointError
-from funcopt.checkpoint_format import Reader
+from funcopt.checkpoint._format import Reader
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -250,15 +250,15 @@ def test_user_namedtuples_need_register_or_like(tmp_path):
         ck.load(f)
     out = ck.load(f, like=value)
     assert type(out["s"]) is _UserState
-    ck.register(_UserState)
+    funcopt.checkpoint.register(_UserState)
     try:
         out = ck.load(f)
         assert type(out["s"]) is _UserState and torch.equal(out["s"].ema["a"], torch.ones(2))
         with pytest.raises(TypeError, match="expects a NamedTuple class"):
-            ck.register(dict)
+            funcopt.checkpoint.register(dict)
     finally:
-        checkpoint_tree._REGISTRY.pop(f"{_UserState.__module__}:{_UserState.__qualname__}")
-        checkpoint_tree._REGISTERED_NAMES.pop(_UserState)
+        _names._REGISTRY.pop(f"{_UserState.__module__}:{_UserState.__qualname__}")
+        _names._REGISTERED_NAMES.pop(_UserState)
 
 
 def test_class_names_in_a_file_never_import_foreign_modules(tmp_path):

@@ -24,7 +24,7 @@ _SERVER = textwrap.dedent(
     import glob, json, os, random, signal, sys, time
     import torch
     torch.set_num_threads(1)
-    from funcopt import checkpoint as ck
+    import funcopt.checkpoint as ck
 
     directory, trials, manager_trials = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     path = os.path.join(directory, "c.safetensors")

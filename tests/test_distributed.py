@@ -10,6 +10,7 @@ import torch
 
 import funcopt
 from funcopt import distributed as fd
+from funcopt.distributed._launch import _free_port
 from helpers import assert_trees_close, assert_trees_equal
 
 N, D_IN, HIDDEN, D_OUT = 16, 4, 6, 3
@@ -310,7 +311,7 @@ def test_example_runs_under_torchrun(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(fd._free_port()), str(root / "examples" / "distributed_train.py"),
+           "--master-port", str(_free_port()), str(root / "examples" / "distributed_train.py"),
            "--fast", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The fast path (funcopt/fused.py): same numbers and state as the reference chain, used only where valid."""
+"""The fast routes (funcopt.fast): same numbers and state as the reference chain, used only where valid."""
 
 from __future__ import annotations
 
@@ -10,30 +10,13 @@ import pytest
 import torch
 
 import funcopt
-from funcopt import fused, tree
+from funcopt import fast as fused
+from funcopt import tree
+from funcopt.fast._route import FastPath
+from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
 
-CONFIGS = {
-    "sgd": lambda: funcopt.sgd(0.1),
-    "sgd_l2_maximize": lambda: funcopt.sgd(0.1, weight_decay=0.1, maximize=True),
-    "sgd_momentum_dampening_l2": lambda: funcopt.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-    "sgd_nesterov_maximize": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True, maximize=True),
-    "adam": lambda: funcopt.adam(1e-2),
-    "adam_amsgrad_l2_maximize": lambda: funcopt.adam(1e-2, amsgrad=True, weight_decay=1e-2, maximize=True),
-    "adam_schedule": lambda: funcopt.adam(lambda count: 1e-2 / (1 + count)),
-    "adam_tensor_lr": lambda: funcopt.adam(torch.tensor(1e-2, dtype=torch.float64)),
-    "adamw": lambda: funcopt.adamw(1e-2),
-    "adamw_amsgrad_maximize": lambda: funcopt.adamw(1e-2, amsgrad=True, maximize=True),
-    "adagrad_lr_decay_l2": lambda: funcopt.adagrad(lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.1),
-    "adagrad_maximize": lambda: funcopt.adagrad(maximize=True),
-    "rmsprop": lambda: funcopt.rmsprop(),
-    "rmsprop_centered_momentum_l2_maximize": lambda: funcopt.rmsprop(
-        centered=True, momentum=0.5, weight_decay=0.1, maximize=True
-    ),
-    "lion": lambda: funcopt.lion(3e-3),
-    "lion_no_decay": lambda: funcopt.lion(3e-3, weight_decay=0.0),
-}
-NAMES = sorted(CONFIGS)
+NAMES = registry.names(fast=True)  # the rows whose optimizer takes a declared fast route
 
 
 def _grads(params, seed):
@@ -56,8 +39,8 @@ def _run(tx, params, steps, fast, start=0, state=None):
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_equals_reference_path(name, dtype):
     params = nested_params(dtype)
-    fast = _run(CONFIGS[name](), params, 4, fast=True)
-    ref = _run(CONFIGS[name](), params, 4, fast=False)
+    fast = _run(registry.make(name), params, 4, fast=True)
+    ref = _run(registry.make(name), params, 4, fast=False)
     tol = 2e-6 if dtype == torch.float32 else 1e-13
     assert_trees_close(fast, ref, rtol=tol, atol=tol)
     # Same pytree types and structure: checkpoints and vmap do not depend on the path.
@@ -68,7 +51,7 @@ def test_fast_path_equals_reference_path(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_switching_paths_mid_run(name):
     params = nested_params()
-    tx = CONFIGS[name]()
+    tx = registry.make(name)
     p, s = _run(tx, params, 2, fast=True)
     p, s = _run(tx, p, 2, fast=False, start=2, state=s)
     p, s = _run(tx, p, 1, fast=True, start=4, state=s)
@@ -79,7 +62,7 @@ def test_switching_paths_mid_run(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_update_never_writes_into_its_inputs(name):
     params = nested_params()
-    tx = CONFIGS[name]()
+    tx = registry.make(name)
     params, state = _run(tx, params, 2, fast=True)
     grads = _grads(params, 9)
     before = snapshot((grads, state, params))
@@ -93,25 +76,25 @@ def test_fast_update_never_writes_into_its_inputs(name):
     assert not inputs & {x.data_ptr() for x in tree.leaves((updates, new_state)) if x.numel()}
 
 
-def test_mixed_float32_and_float64_leaves_run_fast_per_dtype():
+@pytest.mark.parametrize("name", NAMES)
+def test_mixed_float32_and_float64_leaves_run_fast_per_dtype(name):
     params = {"a": torch.randn(5, dtype=torch.float32), "b": torch.randn(3, 2, dtype=torch.float64)}
-    for make in (CONFIGS["adam_amsgrad_l2_maximize"], CONFIGS["sgd_momentum_dampening_l2"], CONFIGS["lion"]):
-        fast = _run(make(), params, 3, fast=True)
-        ref = _run(make(), params, 3, fast=False)
-        assert_trees_close(fast, ref, rtol=2e-6, atol=1e-7)
-        assert fast[0]["a"].dtype == torch.float32 and fast[0]["b"].dtype == torch.float64
+    fast = _run(registry.make(name), params, 3, fast=True)
+    ref = _run(registry.make(name), params, 3, fast=False)
+    assert_trees_close(fast, ref, rtol=2e-6, atol=1e-7)
+    assert fast[0]["a"].dtype == torch.float32 and fast[0]["b"].dtype == torch.float64
 
 
 def test_inject_hyperparams_takes_the_fast_path_and_is_bitwise_equal(monkeypatch):
     calls = []  # steps planned for the fast path (either route: torch kernels or native)
-    original = fused._FastPath.plan
+    original = FastPath.plan
 
     def plan(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        calls.append(result is not None)
+        calls.append(type(result) is not str)
         return result
 
-    monkeypatch.setattr(fused._FastPath, "plan", plan)
+    monkeypatch.setattr(FastPath, "plan", plan)
     params = nested_params()
     plain = funcopt.adam(1e-2, weight_decay=1e-3)
     injected = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2, weight_decay=1e-3)
@@ -148,6 +131,15 @@ def test_reference_path_where_the_fast_path_does_not_apply(case):
     with fused.fast_path_enabled(False):
         expected, _ = tx.update(grads, state, params)
     assert_trees_equal(tree.map(torch.detach, updates), tree.map(torch.detach, expected))
+
+
+@pytest.mark.parametrize("name", registry.names(fast=False))
+def test_rows_without_a_fast_route_keep_the_reference_path(name):
+    """The registry's ``fast`` selection is what the dispatcher does: the other rows (no
+    declaration, a mask, a chain or a wrapper around one) never take the fast route."""
+    params = nested_params()
+    tx = registry.make(name)
+    assert not fused.fast_path_applies(tx, _grads(params, 0), tx.init(params), params)
 
 
 def test_masks_and_tensor_hyperparameters_requiring_grad_use_the_reference_path():
@@ -224,9 +216,12 @@ def test_fast_path_enabled_restores_on_error():
     assert fused.is_fast_path_enabled()
 
 
-def test_fast_path_decorator_rejects_an_unknown_kind_and_keeps_the_signature():
-    with pytest.raises(ValueError, match="unknown kind 'nadam'"):
-        fused.fast_path("nadam")
+def test_declare_rejects_a_bad_declaration_and_keeps_the_signature():
+    with pytest.raises(TypeError, match="expects a FastRoute"):
+        fused.declare("nadam")
+    route = funcopt.adam.fast_route
+    with pytest.raises(TypeError, match="has no argument 'b1'"):
+        fused.declare(route)(lambda learning_rate: funcopt.sgd(learning_rate))
     import inspect
 
     assert "learning_rate" in inspect.signature(funcopt.adam).parameters
@@ -234,7 +229,7 @@ def test_fast_path_decorator_rejects_an_unknown_kind_and_keeps_the_signature():
 
 
 def test_configure_cpu_allocator_in_a_subprocess():
-    code = "import funcopt.fused as f, torch; r = f.configure_cpu_allocator(); torch.zeros(1 << 20).add_(1); print(r)"
+    code = "import funcopt.fast as f, torch; r = f.configure_cpu_allocator(); torch.zeros(1 << 20).add_(1); print(r)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("True", "False")

@@ -5,40 +5,8 @@ import torch
 
 import funcopt
 from funcopt import schedules, tree
+from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
-
-# (factory, kwargs) for every optimizer of funcopt.optimizers, with their options switched on.
-CONFIGS = {
-    "sgd": (funcopt.sgd, dict(learning_rate=0.1)),
-    "sgd_all_options": (
-        funcopt.sgd,
-        dict(learning_rate=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2, maximize=True),
-    ),
-    "sgd_nesterov": (funcopt.sgd, dict(learning_rate=0.1, momentum=0.8, nesterov=True, weight_decay=1e-3)),
-    "adam": (funcopt.adam, dict(learning_rate=1e-2)),
-    "adam_amsgrad_maximize": (
-        funcopt.adam,
-        dict(learning_rate=1e-2, b1=0.8, b2=0.99, weight_decay=1e-2, amsgrad=True, maximize=True),
-    ),
-    "adamw": (funcopt.adamw, dict(learning_rate=1e-2, weight_decay=0.1)),
-    "adamw_amsgrad": (funcopt.adamw, dict(learning_rate=1e-2, amsgrad=True)),
-    "adamax": (funcopt.adamax, dict(learning_rate=2e-2, weight_decay=1e-2)),
-    "nadam": (funcopt.nadam, dict(learning_rate=1e-2, weight_decay=1e-2)),
-    "nadam_decoupled": (funcopt.nadam, dict(learning_rate=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)),
-    "radam": (funcopt.radam, dict(learning_rate=1e-2, weight_decay=1e-2)),
-    "radam_decoupled": (funcopt.radam, dict(learning_rate=1e-2, weight_decay=1e-2, decoupled_weight_decay=True)),
-    "rmsprop_centered_momentum": (
-        funcopt.rmsprop,
-        dict(learning_rate=1e-2, centered=True, momentum=0.5, weight_decay=1e-3),
-    ),
-    "adagrad_lr_decay": (
-        funcopt.adagrad,
-        dict(learning_rate=5e-2, lr_decay=0.01, weight_decay=1e-3, initial_accumulator_value=0.1),
-    ),
-    "lion": (funcopt.lion, dict(learning_rate=3e-3, weight_decay=1e-2)),
-    "lamb": (funcopt.lamb, dict(learning_rate=1e-2, weight_decay=1e-2)),
-    "adam_schedule": (funcopt.adam, dict(learning_rate=schedules.warmup_cosine_decay(0.0, 1e-2, 3, 20))),
-}
 
 
 def _train(tx, params, loss_fn, steps):
@@ -49,16 +17,12 @@ def _train(tx, params, loss_fn, steps):
     return params, state
 
 
-def _reference(name, factory, kwargs):
-    return factory(**kwargs)
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", registry.names(plain=True))  # the rows of funcopt.optimizers' factories
 def test_injected_equals_plain_bitwise_float64(name):
-    factory, kwargs = CONFIGS[name]
+    row = registry.row(name)
     _, params, loss_fn, _ = mlp_problem(torch.float64, n=8, hidden=4)
-    expected, _ = _train(_reference(name, factory, kwargs), params, loss_fn, 4)
-    got, state = _train(funcopt.inject_hyperparams(factory)(**kwargs), params, loss_fn, 4)
+    expected, _ = _train(row.make(), params, loss_fn, 4)
+    got, state = _train(funcopt.inject_hyperparams(row.factory)(**row.kwargs), params, loss_fn, 4)
     assert_trees_equal(got, expected, msg=name)
     assert isinstance(state, funcopt.InjectHyperparamsState)
     assert state.count.item() == 4

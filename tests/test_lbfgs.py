@@ -7,8 +7,8 @@ import torch
 
 import funcopt
 from funcopt import tree
-from funcopt.lbfgs import ScaleByLbfgsState, lbfgs, scale_by_lbfgs
-from funcopt.linesearch import (
+from funcopt.solvers._lbfgs import ScaleByLbfgsState, lbfgs, scale_by_lbfgs
+from funcopt.solvers._linesearch_common import (
     ScaleByBacktrackingLinesearchState,
     ScaleByZoomLinesearchState,
     value_and_grad_from_state,

@@ -9,14 +9,14 @@ import torch
 
 import funcopt
 from funcopt import tree
-from funcopt.lbfgs import scale_by_lbfgs
-from funcopt.linesearch import (
+from funcopt.solvers._backtracking import scale_by_backtracking_linesearch
+from funcopt.solvers._lbfgs import scale_by_lbfgs
+from funcopt.solvers._linesearch_common import (
     LINESEARCH_STATUS,
     ScaleByZoomLinesearchState,
-    scale_by_backtracking_linesearch,
-    scale_by_zoom_linesearch,
     value_and_grad_from_state,
 )
+from funcopt.solvers._zoom import scale_by_zoom_linesearch
 from tests.helpers import assert_trees_close, assert_trees_equal, snapshot
 
 

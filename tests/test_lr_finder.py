@@ -15,7 +15,7 @@ import torch
 import funcopt
 from funcopt import FuncoptError
 from funcopt.lr_finder import SUGGESTION_METHODS, LRFinderResult, lr_find, lr_ladder, lr_sweep
-from funcopt.wrappers import multi_transform
+from funcopt.transforms._masking import multi_transform
 from tests.helpers import assert_trees_equal, mlp_problem, snapshot
 
 F64 = torch.float64
@@ -416,7 +416,7 @@ def test_matplotlib_and_tqdm_are_imported_only_inside_functions():
     import ast
     import pathlib
 
-    import funcopt.lr_finder as module
+    import funcopt.lr_finder._finder as module
 
     files = sorted(pathlib.Path(module.__file__).parent.glob("lr_finder*.py"))
     assert len(files) > 1  # the facade and the modules it re-exports from

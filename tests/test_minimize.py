@@ -9,8 +9,8 @@ import torch
 
 import funcopt
 from funcopt import checkpoint, tree
-from funcopt.lbfgs import lbfgs
-from funcopt.minimize import MinimizeResult, minimize
+from funcopt.solvers._lbfgs import lbfgs
+from funcopt.solvers._minimize import MinimizeResult, minimize
 from tests.helpers import assert_trees_close, assert_trees_equal, nested_params
 
 F64 = torch.float64

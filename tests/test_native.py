@@ -1,4 +1,4 @@
-"""The single-pass native kernels of pure CPU steps (funcopt/native.py, funcopt/fused_native.py).
+"""The native backend: single-pass kernels of pure CPU steps (funcopt/fast/native).
 
 Most trees in the other tests are below ``native.MIN_ELEMENTS``, so they run torch's kernels;
 here the threshold is lowered to 0 and the native route is checked against torch's fused
@@ -17,23 +17,17 @@ import pytest
 import torch
 
 import funcopt
-from funcopt import fused, native, tree
-from funcopt.train_step import apply_gradients
+from funcopt import fast as fused
+from funcopt import tree
+
+from funcopt.fast._step import apply_gradients
+from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, snapshot
 
-CONFIGS = {
-    "adam": lambda: funcopt.adam(1e-2),
-    "adam_amsgrad_l2_maximize": lambda: funcopt.adam(1e-2, amsgrad=True, weight_decay=1e-2, maximize=True),
-    "adam_schedule": lambda: funcopt.adam(lambda count: 1e-2 / (1 + count)),
-    "adamw": lambda: funcopt.adamw(1e-2),
-    "adamw_amsgrad_maximize": lambda: funcopt.adamw(1e-2, amsgrad=True, maximize=True),
-    "sgd": lambda: funcopt.sgd(0.1),
-    "sgd_l2_maximize": lambda: funcopt.sgd(0.1, weight_decay=0.1, maximize=True),
-    "sgd_momentum": lambda: funcopt.sgd(0.1, momentum=0.9),
-    "sgd_momentum_dampening_l2": lambda: funcopt.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-    "sgd_nesterov_maximize": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True, maximize=True),
-}
-NAMES = sorted(CONFIGS)
+native = pytest.importorskip("funcopt.fast.native", reason="the optional native backend is not installed")
+from funcopt.fast.native import _library  # noqa: E402
+
+NAMES = registry.names(native=True)  # the rows whose fast route has a native kernel family
 # Sizes that exercise the vector body, the scalar tail, one whole chunk and several chunks.
 SIZES = {"w": (3, 7), "b": (1,), "v": (32768,), "u": (32768 * 2 + 13,)}
 
@@ -49,7 +43,7 @@ needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel
 @pytest.fixture
 def calls(monkeypatch):
     """Lowers the size threshold to 0 and counts the native kernel calls by name."""
-    monkeypatch.setattr(native, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_library, "MIN_ELEMENTS", 0)
     counts = {"adam": 0, "sgd": 0, "add": 0}
     for name in counts:
         original = getattr(native, name)
@@ -99,41 +93,26 @@ def test_native_kernels_are_built_where_expected():
 @pytest.mark.parametrize("pure_step", [False, True], ids=["update", "pure_step"])
 def test_native_route_equals_torch_kernels_and_reference_path(name, dtype, pure_step, calls):
     params = _params(dtype)
-    got = _train(CONFIGS[name](), params, 4, use_native=True, pure_step=pure_step)
+    got = _train(registry.make(name), params, 4, use_native=True, pure_step=pure_step)
     assert calls["adam"] + calls["sgd"] == 4, calls
     if not pure_step:
         assert calls["add"] == 4
-    torch_kernels = _train(CONFIGS[name](), params, 4, use_native=False, pure_step=pure_step)
+    torch_kernels = _train(registry.make(name), params, 4, use_native=False, pure_step=pure_step)
     with fused.fast_path_enabled(False):
-        reference = _train(CONFIGS[name](), params, 4, use_native=False)
+        reference = _train(registry.make(name), params, 4, use_native=False)
     tol = 2e-6 if dtype == torch.float32 else 1e-13
     assert_trees_close(got, torch_kernels, rtol=tol, atol=tol)
     assert_trees_close(got, reference, rtol=tol, atol=tol)
 
 
 @needs_native
-@pytest.mark.parametrize(
-    "make, opt",
-    [
-        (lambda: funcopt.adam(1e-2), lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)),
-        (lambda: funcopt.adamw(1e-2, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True)),
-        (
-            lambda: funcopt.adam(1e-2, amsgrad=True, weight_decay=0.1),
-            lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=0.1, fused=True),
-        ),
-        (
-            lambda: funcopt.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
-            lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, fused=True),
-        ),
-    ],
-    ids=["adam", "adamw", "adam_amsgrad_l2", "sgd_nesterov_l2"],
-)
-def test_native_pure_step_follows_torch_optim_fused(make, opt, calls):
+@pytest.mark.parametrize("name", registry.names(native=True, torch=True))
+def test_native_pure_step_follows_torch_optim_fused(name, calls):
     params = _params(torch.float64)
-    got, _ = _train(make(), params, 20, use_native=True, pure_step=True)
+    got, _ = _train(registry.make(name), params, 20, use_native=True, pure_step=True)
     assert calls["adam"] + calls["sgd"] == 20
     torch_params = [torch.nn.Parameter(t.clone()) for t in params.values()]
-    optimizer = opt(torch_params)
+    optimizer = registry.torch_optimizer(name, torch_params, fused=True)
     for i in range(20):
         for p, g in zip(torch_params, _grads(params, i).values()):
             p.grad = g.clone()
@@ -143,10 +122,10 @@ def test_native_pure_step_follows_torch_optim_fused(make, opt, calls):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["adam_amsgrad_l2_maximize", "adamw", "sgd_momentum_dampening_l2"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("pure_step", [False, True], ids=["update", "pure_step"])
 def test_native_route_never_writes_into_its_inputs(name, pure_step, calls):
-    tx = CONFIGS[name]()
+    tx = registry.make(name)
     params = _params()
     state = _train(tx, params, 2, use_native=False)[1]  # a state with non-zero moments
     grads = _grads(params, 5)
@@ -194,7 +173,7 @@ def test_large_outputs_take_the_streaming_route_with_the_same_numbers(calls):
     """Outputs of 4 MiB and more use non-temporal stores, of 32 MiB and more huge-page
     hints as well: the same values."""
     params = {"w": torch.randn(1 << 23), "b": torch.randn(1000)}  # 32 MiB per output
-    assert native._streams(list(params.values()), 1)
+    assert _library._streams(list(params.values()), 1)
     for make in (lambda: funcopt.adam(1e-3), lambda: funcopt.sgd(1e-2, momentum=0.9)):
         got = _train(make(), params, 2, use_native=True)
         expected = _train(make(), params, 2, use_native=False)
@@ -254,31 +233,32 @@ def test_switch_and_threshold_keep_the_torch_kernels(calls, monkeypatch):
     assert native.is_enabled()
     _train(tx, params, 1, use_native=False)
     assert calls["adam"] == 0
-    monkeypatch.setattr(native, "MIN_ELEMENTS", sum(t.numel() for t in params.values()) + 1)
+    monkeypatch.setattr(_library, "MIN_ELEMENTS", sum(t.numel() for t in params.values()) + 1)
     _train(tx, params, 1, use_native=True)
     assert calls["adam"] == 0
 
 
 def test_a_failed_build_or_self_test_leaves_the_torch_kernels(monkeypatch):
-    library = native._Library()
-    monkeypatch.setattr(native, "_build", lambda: (object(), None))
-    monkeypatch.setattr(native, "_self_test", lambda lib: "self-test: the native Adam kernel disagrees")
+    library = _library._Library()
+    monkeypatch.setattr(_library, "_build", lambda: (object(), None))
+    monkeypatch.setattr(_library, "_self_test", lambda lib: "self-test: the native Adam kernel disagrees")
     assert library.get() is None
     assert "disagrees" in library.reason
 
     def broken():
         raise OSError("cannot load")
 
-    library = native._Library()
-    monkeypatch.setattr(native, "_build", broken)
+    library = _library._Library()
+    monkeypatch.setattr(_library, "_build", broken)
     assert library.get() is None
     assert "cannot load" in library.reason
 
 
 _CHILD = """
 import os, tempfile, torch, funcopt
-from funcopt import native
-native.MIN_ELEMENTS = 0
+from funcopt.fast import native
+from funcopt.fast.native import _library
+_library.MIN_ELEMENTS = 0
 tx = funcopt.adam(1e-2)
 p = {"w": torch.randn(100)}
 u, s = tx.update(p, tx.init(p), p)
@@ -315,9 +295,9 @@ def test_building_leaves_nothing_on_disk(tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("name", ["adam_amsgrad_l2_maximize", "sgd_nesterov_maximize"])
+@pytest.mark.parametrize("name", NAMES)
 def test_native_run_resumes_bitwise_from_a_checkpoint(name, calls, tmp_path):
-    tx = CONFIGS[name]()
+    tx = registry.make(name)
     params = _params()
     straight = _train(tx, params, 6, use_native=True)
     half_params, half_state = _train(tx, params, 3, use_native=True)

@@ -1,4 +1,5 @@
-"""One battery of checks over every optimizer: purity, state layout, vmap, grad, dtypes, errors."""
+"""One battery of checks over every registry row (tests/registry.py): purity, state layout, vmap,
+grad, dtypes, checkpoint resume, errors."""
 
 from __future__ import annotations
 
@@ -9,26 +10,10 @@ import torch.utils._pytree as torch_pytree
 
 import funcopt
 from funcopt import tree
+from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
 
-OPTIMIZERS = {
-    "sgd": lambda: funcopt.sgd(0.1),
-    "sgd_momentum": lambda: funcopt.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2),
-    "sgd_nesterov": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True),
-    "adam": lambda: funcopt.adam(1e-2),
-    "adam_amsgrad": lambda: funcopt.adam(1e-2, amsgrad=True, weight_decay=1e-2),
-    "adamw": lambda: funcopt.adamw(1e-2),
-    "adamax": lambda: funcopt.adamax(),
-    "nadam": lambda: funcopt.nadam(1e-2),
-    "radam": lambda: funcopt.radam(1e-2),
-    "rmsprop": lambda: funcopt.rmsprop(centered=True, momentum=0.5),
-    "adagrad": lambda: funcopt.adagrad(lr_decay=0.01),
-    "lion": lambda: funcopt.lion(3e-3),
-    "lamb": lambda: funcopt.lamb(1e-2, weight_decay=1e-2),
-    "adam_schedule": lambda: funcopt.adam(lambda count: 1e-2 / (1 + count)),
-    "chain_clip_adam": lambda: funcopt.chain(funcopt.clip_by_global_norm(1.0), funcopt.clip(0.5), funcopt.adam(1e-2)),
-}
-NAMES = sorted(OPTIMIZERS)
+NAMES = registry.names()
 
 
 def _grads_like(params, seed=1):
@@ -36,8 +21,8 @@ def _grads_like(params, seed=1):
     return tree.map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), params)
 
 
-def _steps(tx, params, n, seed=1):
-    state = tx.init(params)
+def _steps(tx, params, n, seed=1, state=None):
+    state = tx.init(params) if state is None else state
     for i in range(n):
         updates, state = tx.update(_grads_like(params, seed + i), state, params)
         params = funcopt.apply_updates(params, updates)
@@ -47,11 +32,12 @@ def _steps(tx, params, n, seed=1):
 @pytest.mark.parametrize("name", NAMES)
 def test_decreases_a_loss(name):
     _, params, loss_fn, _ = mlp_problem(torch.float64)
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
+    objective = registry.objective(name, loss_fn)  # -loss where the row maximizes
     state = tx.init(params)
     start = loss_fn(params)
     for _ in range(100):
-        updates, state = tx.update(torch.func.grad(loss_fn)(params), state, params)
+        updates, state = tx.update(torch.func.grad(objective)(params), state, params)
         params = funcopt.apply_updates(params, updates)
     assert loss_fn(params) < start * 0.9
 
@@ -59,7 +45,7 @@ def test_decreases_a_loss(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_update_never_mutates_its_inputs(name):
     params = nested_params()
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
     params, state = _steps(tx, params, 2)
     grads = _grads_like(params, seed=9)
     before = snapshot((grads, state, params))
@@ -75,7 +61,7 @@ def test_update_never_mutates_its_inputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_is_plain_containers_of_tensors(name):
     params = nested_params()
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
     _, state = _steps(tx, params, 1)
 
     def check(node, where="state"):
@@ -97,7 +83,9 @@ def test_state_is_plain_containers_of_tensors(name):
         return [c for child in node for c in counts_in(child)] if isinstance(node, tuple) else []
 
     counts = counts_in(state)
-    assert counts or name == "sgd", "stateful optimizers keep a step count"
+    # Only accumulators of squared gradients (Adagrad's, RMSprop's) need no step count.
+    count_free = (funcopt.EmptyState, funcopt.ScaleByRssState, funcopt.ScaleByRmsState)
+    assert counts or all(isinstance(s, count_free) for s in state), "stateful optimizers keep a step count"
     for c in counts:
         assert c.shape == () and c.dtype == torch.int64 and int(c) == 1
 
@@ -105,7 +93,7 @@ def test_state_is_plain_containers_of_tensors(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_accepts_and_ignores_extra_arguments(name):
     params = nested_params()
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
     state = tx.init(params)
     grads = _grads_like(params)
     plain, _ = tx.update(grads, state, params)
@@ -116,7 +104,7 @@ def test_accepts_and_ignores_extra_arguments(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_keeps_param_dtypes(name):
     params = {"h": torch.randn(3, dtype=torch.float16), "f": torch.randn(2, 2), "d": torch.randn(2, dtype=torch.float64)}
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
     new_params, _ = _steps(tx, params, 2)
     for k in params:
         assert new_params[k].dtype == params[k].dtype
@@ -129,7 +117,7 @@ def test_vmap_over_an_ensemble_equals_a_loop(name):
     k = 3
     members = [nested_params(seed=s) for s in range(k)]
     grads = [[_grads_like(m, seed=10 * s + i) for i in range(3)] for s, m in enumerate(members)]
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
 
     def run_one(params, grad_seq):
         state = tx.init(params)
@@ -152,11 +140,11 @@ def test_vmap_over_an_ensemble_equals_a_loop(name):
         assert_trees_close(got_state, state_j, rtol=1e-12, atol=1e-12, msg=f"state {j}")
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "lion"])
+@pytest.mark.parametrize("name", registry.names(differentiable=True))
 def test_grad_through_three_unrolled_steps_matches_finite_differences(name):
     """d loss(params after 3 steps) / d initial params, checked along a random direction."""
     _, p0, loss_fn, _ = mlp_problem(torch.float64, n=16, hidden=4)
-    tx = OPTIMIZERS[name]()
+    tx = registry.make(name)
 
     def unrolled(params):
         state = tx.init(params)
@@ -174,10 +162,11 @@ def test_grad_through_three_unrolled_steps_matches_finite_differences(name):
     assert analytic.abs() > 1e-6
 
 
-def test_lion_is_differentiable_under_grad():
+@pytest.mark.parametrize("name", registry.names(differentiable=False))
+def test_sign_based_optimizers_are_differentiable_under_grad(name):
     """Lion's sign has zero derivative; the unrolled gradient still exists and is finite."""
     _, p0, loss_fn, _ = mlp_problem(torch.float64, n=16, hidden=4)
-    tx = funcopt.lion(1e-2)
+    tx = registry.make(name)
 
     def unrolled(params):
         state = tx.init(params)
@@ -186,6 +175,40 @@ def test_lion_is_differentiable_under_grad():
 
     g = torch.func.grad(unrolled)(p0)
     assert all(torch.isfinite(x).all() for x in tree.leaves(g))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resumes_bitwise_from_a_checkpoint(name, tmp_path):
+    """3 steps, save params and state, load them into a template (like=) with a fresh optimizer,
+    3 more steps: bitwise the uninterrupted 6-step run."""
+    params = nested_params()
+    straight = _steps(registry.make(name), params, 6)
+    tx = registry.make(name)
+    half_params, half_state = _steps(tx, params, 3)
+    path = tmp_path / "ckpt.safetensors"
+    funcopt.checkpoint.save(path, {"params": half_params, "opt_state": half_state})
+    tx = registry.make(name)  # as in a new process
+    restored = funcopt.checkpoint.load(path, like={"params": params, "opt_state": tx.init(params)})
+    assert_trees_equal(restored, {"params": half_params, "opt_state": half_state})
+    resumed = _steps(tx, restored["params"], 3, seed=1 + 3, state=restored["opt_state"])
+    assert_trees_equal(resumed, straight)
+
+
+def test_the_registry_covers_every_optimizer_and_route():
+    """Every optimizer of funcopt.optimizers has a row; every declared fast route, native kernel
+    family and torch.optim counterpart is exercised by some row."""
+    rows = registry.ROWS.values()
+    for factory in registry.optimizer_factories():
+        mine = [r for r in rows if r.factory is factory]
+        assert mine, f"funcopt.{factory.__name__} has no row in tests/registry.py"
+        if hasattr(factory, "fast_route"):
+            assert any(r.fast for r in mine), f"no registry row takes {factory.__name__}'s fast route"
+    kernels = {family for b in funcopt.fast.backends() for family in b.kernels}
+    assert kernels <= {r.family for r in rows}, "a backend kernel family has no registry row"
+    for r in rows:
+        if r.torch:
+            assert issubclass(r.torch_class, torch.optim.Optimizer), r.name
+    assert set(registry.names()) == set(registry.ROWS)
 
 
 @pytest.mark.slow
@@ -210,9 +233,7 @@ def test_adam_and_sgd_updates_compile_fullgraph():
 # Bad input
 
 
-@pytest.mark.parametrize(
-    "factory", [funcopt.sgd, funcopt.adam, funcopt.adamw, funcopt.rmsprop, funcopt.adagrad, funcopt.lion, funcopt.lamb]
-)
+@pytest.mark.parametrize("factory", registry.optimizer_factories(), ids=lambda f: f.__name__)
 def test_negative_learning_rate_is_rejected(factory):
     with pytest.raises(funcopt.FuncoptError, match="learning_rate must be >= 0.*maximize=True"):
         factory(-1e-3)

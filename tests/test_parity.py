@@ -13,70 +13,21 @@ import pytest
 import torch
 
 import funcopt
+from tests import registry
 from tests.helpers import mlp_problem
-
-CASES = {
-    "sgd": (lambda: funcopt.sgd(0.1), lambda p: torch.optim.SGD(p, 0.1)),
-    "sgd_momentum_dampening_wd": (
-        lambda: funcopt.sgd(0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
-        lambda p: torch.optim.SGD(p, 0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
-    ),
-    "sgd_nesterov_maximize": (
-        lambda: funcopt.sgd(0.05, momentum=0.9, nesterov=True, maximize=True),
-        lambda p: torch.optim.SGD(p, 0.05, momentum=0.9, nesterov=True, maximize=True),
-    ),
-    "adam": (lambda: funcopt.adam(1e-2), lambda p: torch.optim.Adam(p, 1e-2)),
-    "adam_amsgrad_wd": (
-        lambda: funcopt.adam(1e-2, weight_decay=0.1, amsgrad=True),
-        lambda p: torch.optim.Adam(p, 1e-2, weight_decay=0.1, amsgrad=True),
-    ),
-    "adam_maximize": (
-        lambda: funcopt.adam(1e-2, b1=0.8, b2=0.99, eps=1e-6, maximize=True),
-        lambda p: torch.optim.Adam(p, 1e-2, betas=(0.8, 0.99), eps=1e-6, maximize=True),
-    ),
-    "adamw": (lambda: funcopt.adamw(1e-2), lambda p: torch.optim.AdamW(p, 1e-2)),
-    "adamw_amsgrad": (
-        lambda: funcopt.adamw(1e-2, weight_decay=0.1, amsgrad=True),
-        lambda p: torch.optim.AdamW(p, 1e-2, weight_decay=0.1, amsgrad=True),
-    ),
-    "adamax": (
-        lambda: funcopt.adamax(weight_decay=0.05),
-        lambda p: torch.optim.Adamax(p, weight_decay=0.05),
-    ),
-    "nadam": (lambda: funcopt.nadam(weight_decay=0.05), lambda p: torch.optim.NAdam(p, weight_decay=0.05)),
-    "nadam_decoupled": (
-        lambda: funcopt.nadam(weight_decay=0.05, decoupled_weight_decay=True),
-        lambda p: torch.optim.NAdam(p, weight_decay=0.05, decoupled_weight_decay=True),
-    ),
-    "radam": (lambda: funcopt.radam(1e-2, weight_decay=0.05), lambda p: torch.optim.RAdam(p, 1e-2, weight_decay=0.05)),
-    "radam_decoupled": (
-        lambda: funcopt.radam(1e-2, weight_decay=0.05, decoupled_weight_decay=True),
-        lambda p: torch.optim.RAdam(p, 1e-2, weight_decay=0.05, decoupled_weight_decay=True),
-    ),
-    "rmsprop": (lambda: funcopt.rmsprop(1e-3), lambda p: torch.optim.RMSprop(p, 1e-3)),
-    "rmsprop_centered_momentum_wd": (
-        lambda: funcopt.rmsprop(1e-3, centered=True, momentum=0.9, weight_decay=0.05),
-        lambda p: torch.optim.RMSprop(p, 1e-3, centered=True, momentum=0.9, weight_decay=0.05),
-    ),
-    "adagrad": (lambda: funcopt.adagrad(0.05), lambda p: torch.optim.Adagrad(p, 0.05)),
-    "adagrad_decay_init_wd": (
-        lambda: funcopt.adagrad(0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.05),
-        lambda p: torch.optim.Adagrad(p, 0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.05),
-    ),
-}
 
 TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 
-def _run_both(make_tx, make_torch, dtype, steps=50, foreach=None):
+def _run_both(name, dtype, steps=50, foreach=None):
     torch.set_default_dtype(dtype)  # torch keeps step counters in the default dtype
     module, params, loss_fn, (X, Y) = mlp_problem(dtype)
     reference = copy.deepcopy(module)
-    opt = make_torch(reference.parameters())
+    opt = registry.torch_optimizer(name, reference.parameters())
     if foreach is not None:
         for group in opt.param_groups:
             group["foreach"] = foreach
-    tx = make_tx()
+    tx = registry.make(name)
     state = tx.init(params)
     for _ in range(steps):
         grads = torch.func.grad(loss_fn)(params)
@@ -88,11 +39,10 @@ def _run_both(make_tx, make_torch, dtype, steps=50, foreach=None):
     return params, dict(reference.named_parameters())
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", registry.names(torch=True))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_torch_optim_after_50_steps(name, dtype):
-    make_tx, make_torch = CASES[name]
-    ours, theirs = _run_both(make_tx, make_torch, dtype, foreach=False)
+    ours, theirs = _run_both(name, dtype, foreach=False)
     moved = False
     for key, p in theirs.items():
         torch.testing.assert_close(ours[key], p.detach(), **TOLERANCES[dtype], msg=lambda m: f"{name} [{key!r}]: {m}")

@@ -7,7 +7,7 @@ import torch
 
 import funcopt
 from funcopt import tree
-from funcopt.plateau import ReduceOnPlateauState, reduce_on_plateau
+from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
 from tests.helpers import assert_trees_close, mlp_problem
 
 BASE = 0.1

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import funcopt
-from funcopt.fused import fast_path_enabled
-from funcopt.torch_optimizer import FuncoptOptimizer, as_torch_optimizer, state_from_plain, state_to_plain
+from funcopt.fast import fast_path_enabled
+from funcopt.interop._optimizer import FuncoptOptimizer, as_torch_optimizer, state_from_plain, state_to_plain
 from helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params
 
 STEPS = 6
@@ -174,7 +174,7 @@ def test_onecyclelr_cycles_lr_and_betas_like_torch_adam():
 
 
 def test_lbfgs_with_closure_matches_functional():
-    lbfgs = pytest.importorskip("funcopt.lbfgs").lbfgs
+    lbfgs = funcopt.lbfgs
     module, params, loss_fn, (X, Y) = mlp_problem()
     expected, _ = functional_run(lbfgs(), params, loss_fn, lbfgs_style=True)
     opt = as_torch_optimizer(lbfgs(), module)
@@ -185,7 +185,7 @@ def test_lbfgs_with_closure_matches_functional():
 
 
 def test_line_search_without_closure_says_to_pass_one():
-    lbfgs = pytest.importorskip("funcopt.lbfgs").lbfgs
+    lbfgs = funcopt.lbfgs
     module, _, _, (X, Y) = mlp_problem()
     opt = as_torch_optimizer(lbfgs(), module)
     torch.nn.functional.cross_entropy(module(X), Y).backward()

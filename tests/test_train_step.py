@@ -7,32 +7,23 @@ import torch
 
 import funcopt
 from funcopt import tree
-from funcopt.train_step import DonatedValueError, apply_gradients, is_donated, make_step
+from funcopt.fast._step import DonatedValueError, apply_gradients, is_donated, make_step
+from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, snapshot
-
-OPTIMIZERS = {
-    "adam": lambda: funcopt.adam(1e-2),
-    "adamw_amsgrad": lambda: funcopt.adamw(1e-2, amsgrad=True),
-    "sgd_momentum_l2": lambda: funcopt.sgd(0.1, momentum=0.9, weight_decay=1e-3),
-    "sgd_plain": lambda: funcopt.sgd(0.1),
-    "adagrad": lambda: funcopt.adagrad(0.1),
-    "rmsprop_centered": lambda: funcopt.rmsprop(1e-2, centered=True, momentum=0.5),
-    "lion": lambda: funcopt.lion(1e-3),
-    # no fast path: the updates are added into the donated params in place
-    "nadam": lambda: funcopt.nadam(1e-2),
-    "chain_clip_adam": lambda: funcopt.chain(funcopt.clip_by_global_norm(1.0), funcopt.adam(1e-2)),
-    "inject_adam": lambda: funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2),
-}
 
 
 def _clone(t):
     return tree.map(torch.clone, t)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", registry.names())
 def test_donated_step_equals_pure_step(name):
+    """Rows with a fast route run its kernels in place; the others add the updates into the
+    donated params in place."""
     _, params, loss_fn, (X, Y) = mlp_problem(torch.float64)
-    tx = OPTIMIZERS[name]()
+    loss_fn = registry.objective(name, loss_fn)  # -loss where the row maximizes (so the loss falls)
+    sign = -1 if registry.row(name).maximize else 1  # and the steps return -loss
+    tx = registry.make(name)
     pure, donated = make_step(loss_fn, tx, donate=False), make_step(loss_fn, tx, donate=True)
     pa, sa = _clone(params), tx.init(params)
     pb, sb = _clone(params), tx.init(params)
@@ -43,7 +34,7 @@ def test_donated_step_equals_pure_step(name):
         torch.testing.assert_close(lb, la, rtol=1e-12, atol=1e-14)
         first_loss = la if first_loss is None else first_loss
     assert_trees_close((pb, sb), (pa, sa), rtol=1e-12, atol=1e-14)
-    assert la < first_loss
+    assert sign * la < sign * first_loss
 
 
 def test_donated_params_are_updated_in_place_and_an_old_state_is_caught():
@@ -201,9 +192,9 @@ def test_donated_steps_recheck_replaced_params_and_edited_state():
     assert_trees_close((p, s), expected, rtol=1e-12, atol=1e-14)
     # gradients of another dtype, or aliasing a written buffer, are not taken by the remembered plan
     fast = tx.update._funcopt_fast_path
-    assert fast._memo.replan(fast, grads, s, p) is not None
-    assert fast._memo.replan(fast, tree.map(lambda x: x.float(), grads), s, p) is None
-    assert fast._memo.replan(fast, s[0].nu, s, p) is None
+    assert fast.memo.replan(grads, s, p) is not None
+    assert fast.memo.replan(tree.map(lambda x: x.float(), grads), s, p) is None
+    assert fast.memo.replan(s[0].nu, s, p) is None
 
 
 def _hot_problem(tx):
@@ -239,11 +230,11 @@ def test_remembered_checks_catch_changes_between_donated_steps(edit):
     elif edit == "grad_aliases_moment":
         grads = dict(grads, **{key: s[0].mu[key]})
     fast = tx.update._funcopt_fast_path
-    assert fast._memo is not None and fast._memo.state is s
+    assert fast.memo is not None and fast.memo.state is s
     if edit == "tuple_grads":
-        assert fast._memo.replan(fast, tuple(grads.values()), s, p) is None
+        assert fast.memo.replan(tuple(grads.values()), s, p) is None
         return
-    assert fast._memo.replan(fast, grads, s, p) is None
+    assert fast.memo.replan(grads, s, p) is None
     if edit in ("resize", "grad_of_other_shape"):
         with pytest.raises(RuntimeError, match="must match the size"):  # the reference path's error
             apply_gradients(tx, grads, s, p, donate=True)
@@ -271,7 +262,7 @@ def test_hot_path_takes_a_new_dict_with_the_same_tensors_and_nested_trees():
             ref_p = funcopt.apply_updates(ref_p, u)
             params, state = apply_gradients(tx, grads, state, params, donate=True)
             if k >= 1:
-                assert tx.update._funcopt_fast_path._memo.state is state
+                assert tx.update._funcopt_fast_path.memo.state is state
         assert_trees_close(params, ref_p, rtol=1e-13, atol=1e-15)
         assert_trees_close(state, ref_s, rtol=1e-13, atol=1e-15)
     # A dict with the keys in another insertion order is read in optree's (sorted) order.
@@ -322,27 +313,14 @@ def test_step_gradients_equal_torch_func_including_aux_and_unused_params():
     assert_trees_equal(p, params)
 
 
-FAST_KINDS = {
-    "adam": lambda: funcopt.adam(1e-2),
-    "adamw_amsgrad": lambda: funcopt.adamw(1e-2, amsgrad=True),
-    "adam_l2_maximize": lambda: funcopt.adam(1e-2, weight_decay=0.1, maximize=True),
-    "sgd_momentum": lambda: funcopt.sgd(0.1, momentum=0.9),
-    "sgd_nesterov_l2": lambda: funcopt.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "sgd_plain": lambda: funcopt.sgd(0.1),
-    "adagrad": lambda: funcopt.adagrad(0.1),
-    "rmsprop_centered": lambda: funcopt.rmsprop(1e-2, centered=True, momentum=0.5),
-    "lion": lambda: funcopt.lion(1e-3, weight_decay=0.1),
-}
-
-
-@pytest.mark.parametrize("name", sorted(FAST_KINDS))
+@pytest.mark.parametrize("name", registry.names(fast=True))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pure_apply_gradients_runs_the_kernels_on_copies(name, dtype):
     """apply_gradients(donate=False) with a fast path: the kernels write fresh copies of the
     params and state; the result equals update + apply_updates (fast and reference paths),
     the inputs keep their values and version counters, and nothing in the result aliases them."""
     _, params, loss_fn, _ = mlp_problem(dtype)
-    tx = FAST_KINDS[name]()
+    tx = registry.make(name)
     state = tx.init(params)
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     fast = tx.update._funcopt_fast_path

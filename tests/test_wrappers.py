@@ -7,13 +7,10 @@ import torch
 
 import funcopt
 from funcopt import tree
-from funcopt.wrappers import (
-    AccumulateState,
-    ApplyIfFiniteState,
+from funcopt.transforms._conditional import AccumulateState, ApplyIfFiniteState, accumulate, apply_if_finite
+from funcopt.transforms._masking import (
     MaskedState,
     MultiTransformState,
-    accumulate,
-    apply_if_finite,
     freeze,
     masked,
     multi_transform,

@@ -1,0 +1,17 @@
+"""User-facing optimizers: chains of building blocks with torch.optim's defaults and numerics.
+
+Each function returns a ``GradientTransformation``. ``learning_rate`` may be a float, a 0-dim
+tensor, or a schedule ``count -> value`` everywhere. Where torch.optim has the algorithm, the
+parameters after any number of steps equal torch's to float tolerance (see
+``tests/test_parity.py``). An optimizer with a fast route declares it next to its reference
+chain (:func:`funcopt.fast.declare`); :data:`FAST_PATH_OPTIMIZERS` lists them.
+"""
+
+from funcopt.optimizers._adam import adam, adamax, adamw, lamb, nadam, radam
+from funcopt.optimizers._adaptive import adagrad, lion, rmsprop
+from funcopt.optimizers._sgd import sgd
+
+__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "FAST_PATH_OPTIMIZERS"]
+
+FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
+"""Names of the optimizers with a declared fast route."""

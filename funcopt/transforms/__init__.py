@@ -1,0 +1,122 @@
+"""Building blocks and wrappers: each returns a ``GradientTransformation`` that does one thing.
+
+The numerics follow ``torch.optim`` (where torch has the algorithm) so that the optimizers in
+:mod:`funcopt.optimizers`, built as chains of these blocks, reproduce torch's trajectories. Every
+block works with hyperparameters given as Python numbers or as 0-dim tensors (the latter is what
+``inject_hyperparams`` passes, possibly batched under ``vmap``). Ranges are validated only for
+Python numbers, at construction time.
+
+The package is split by concept: adaptive scalings such as Adam (``_adaptive``); scaling,
+learning rates, momentum, weight decay, trust ratio and clipping (``_scale``); wrappers around
+other transformations that route leaves (``_masking``: ``masked``, ``freeze``,
+``multi_transform``, with the mask and label resolution in ``_labels``) or decide when to update
+(``_conditional``: ``apply_if_finite``, ``accumulate``); hyperparameters held in the state
+(``_inject``); ``reduce_on_plateau`` (``_plateau``); and the validation helpers for writing your
+own blocks (``_common``).
+"""
+
+from __future__ import annotations
+
+from funcopt.transforms._adaptive import (
+    ScaleByAdamaxState,
+    ScaleByAdamState,
+    ScaleByLionState,
+    ScaleByNadamState,
+    ScaleByRmsState,
+    ScaleByRssState,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_lion,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rms,
+    scale_by_rss,
+)
+from funcopt.transforms._conditional import AccumulateState, ApplyIfFiniteState, accumulate, apply_if_finite
+from funcopt.transforms._common import (
+    check_beta,
+    check_learning_rate,
+    check_non_negative,
+    first_device,
+    init_count,
+    is_python_zero,
+)
+from funcopt.transforms._inject import (
+    InjectHyperparamsState,
+    get_hyperparams,
+    inject_hyperparams,
+    injected_states,
+    set_hyperparams,
+)
+from funcopt.transforms._masking import (
+    MaskedState,
+    MultiTransformState,
+    freeze,
+    masked,
+    multi_transform,
+    set_to_zero,
+)
+from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
+from funcopt.transforms._scale import (
+    ScaleByScheduleState,
+    TraceState,
+    add_decayed_weights,
+    clip,
+    clip_by_global_norm,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_trust_ratio,
+    trace,
+)
+
+__all__ = [
+    "ScaleByAdamState",
+    "ScaleByAdamaxState",
+    "ScaleByNadamState",
+    "ScaleByLionState",
+    "ScaleByRmsState",
+    "ScaleByRssState",
+    "ScaleByScheduleState",
+    "TraceState",
+    "scale",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+    "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_lion",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_trust_ratio",
+    "trace",
+    "add_decayed_weights",
+    "clip",
+    "clip_by_global_norm",
+    # wrappers
+    "MaskedState",
+    "MultiTransformState",
+    "ApplyIfFiniteState",
+    "AccumulateState",
+    "set_to_zero",
+    "masked",
+    "freeze",
+    "multi_transform",
+    "apply_if_finite",
+    "accumulate",
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+    "get_hyperparams",
+    "set_hyperparams",
+    "injected_states",
+    "ReduceOnPlateauState",
+    "reduce_on_plateau",
+    # helpers for writing transformations
+    "check_beta",
+    "check_learning_rate",
+    "check_non_negative",
+    "first_device",
+    "init_count",
+    "is_python_zero",
+]

@@ -1,6 +1,5 @@
+# A new optimizer = one declaration in funcopt/optimizers + one row here.
 """The one table of optimizer configurations that every optimizer test battery runs over.
-
-A new optimizer = one declaration in funcopt/optimizers + one row here.
 
 Each row names a funcopt factory and its arguments (funcopt names) and, where torch.optim has
 the algorithm, the torch.optim class and its arguments (torch names), which the parity tests
@@ -9,10 +8,14 @@ here: a row takes the fast route where its factory declares one (``factory.fast_
 sets none of the route's unsupported arguments (``mask``); it takes the native kernels where a
 registered backend named "native" has a kernel for the route's family.
 
-    registry.make("adam")                           # the GradientTransformation
-    registry.torch_optimizer("adam", params)        # torch.optim.Adam(params, lr=1e-2)
-    registry.names(fast=True)                       # the rows a selection battery runs over
-    registry.names(torch=True, native=True)
+    registry.make("adam")                       # a fresh GradientTransformation
+    registry.torch_optimizer("adam", params)    # torch.optim.Adam(params, lr=1e-2)
+    registry.names()                            # every row (sorted names)
+    registry.names(fast=True)                   # a selection: the rows that take a fast route
+    registry.names(native=True, torch=True)     # properties combine (and)
+
+Batteries parametrize over such selections; tests/test_optimizers.py checks that every
+optimizer, fast route and native kernel family has a row.
 """
 
 from __future__ import annotations
@@ -154,11 +157,13 @@ ROWS: dict[str, Row] = _rows(
     ),
     Row("adamw_mask", funcopt.adamw, dict(learning_rate=1e-2, weight_decay=0.1, mask=_matrices)),
     # --- Adamax, NAdam, RAdam (weight_decay: L2, or decoupled_weight_decay=True)
+    Row("adamax", funcopt.adamax, dict(learning_rate=2e-2), torch.optim.Adamax, dict(lr=2e-2)),
     Row(
         "adamax_l2",
         funcopt.adamax, dict(learning_rate=2e-2, weight_decay=0.05),
         torch.optim.Adamax, dict(lr=2e-2, weight_decay=0.05),
     ),
+    Row("nadam", funcopt.nadam, dict(learning_rate=1e-2), torch.optim.NAdam, dict(lr=1e-2)),
     Row(
         "nadam_l2",
         funcopt.nadam, dict(learning_rate=1e-2, weight_decay=0.05),
@@ -169,6 +174,7 @@ ROWS: dict[str, Row] = _rows(
         funcopt.nadam, dict(learning_rate=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
         torch.optim.NAdam, dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True),
     ),
+    Row("radam", funcopt.radam, dict(learning_rate=1e-2), torch.optim.RAdam, dict(lr=1e-2)),
     Row(
         "radam_l2",
         funcopt.radam, dict(learning_rate=1e-2, weight_decay=0.05),

@@ -135,7 +135,7 @@ def test_state_of_another_optimizer():
 
 
 def test_native_not_built_here(monkeypatch):
-    native = pytest.importorskip("funcopt.fast.native")
+    pytest.importorskip("funcopt.fast.native")
     from funcopt.fast.native import _library
 
     class NoLibrary:

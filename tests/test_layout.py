@@ -4,7 +4,6 @@ no import cycles, no oversized module, a short top level."""
 from __future__ import annotations
 
 import ast
-import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +77,7 @@ def test_no_import_cycles_between_packages():
     graph: dict[str, set[str]] = {}
     for module, path in modules.items():
         src = _package_of(module)
-        for target, name, _ in _imports(module, path):
+        for target, _name, _ in _imports(module, path):
             dst = _package_of(target)
             if dst != src and src != "funcopt" and dst != "funcopt":
                 graph.setdefault(src, set()).add(dst)
@@ -161,15 +160,6 @@ def test_removing_the_native_backend_leaves_funcopt_working(tmp_path):
                           env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(copy / "__init__.py"), "0"]
-
-
-def test_every_module_imports_on_its_own():
-    for module in _modules():
-        if module.endswith("__main__"):
-            continue
-        code = f"import {module}"
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert proc.returncode == 0, f"{module}: {proc.stderr[-2000:]}"
 
 
 def test_a_donated_step_goes_down_through_four_modules_without_coming_back_up():

@@ -50,9 +50,9 @@ def _plan_reason(fp: FastPath, plan: str, grads: PyTree, state: Any, params: PyT
     named = [("grads", g, _tree.paths(grads))]
     if params is not None:
         named.append(("params", flatten(params)[0], _tree.paths(params)))
-    for i, field in layout.buffers.values():
-        subtree = getattr(state[i], field)
-        named.append((f"state[{i}].{field}", flatten(subtree)[0], _tree.paths(subtree)))
+    for name, (i, k) in layout.buffers.items():
+        subtree = state[i][k]
+        named.append((f"state[{i}].{name}", flatten(subtree)[0], _tree.paths(subtree)))
     return columns_reason(named, donate)
 
 

@@ -89,8 +89,8 @@ class Memo(NamedTuple):
     ) -> Memo:
         containers = tuple(
             (subtree, _container_leaves(subtree))
-            for i, field in layout.buffers.values()
-            for subtree in (getattr(state[i], field),)
+            for i, k in layout.buffers.values()
+            for subtree in (state[i][k],)
         )
         return Memo(
             state,
@@ -144,8 +144,11 @@ class Memo(NamedTuple):
             if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
                 return None
         layout = self.layout
-        lr = learning_rate_at(self.learning_rate, state, schedule_position(layout))
-        if type(lr) is str:
-            return None
+        if callable(self.learning_rate):  # a schedule: this step's value
+            lr = learning_rate_at(self.learning_rate, state, schedule_position(layout))
+            if type(lr) is str:
+                return None
+        else:  # a Python number (a remembered step has static hyperparameters)
+            lr = old.lr
         counts = {i: state[i].count for i in layout.counted}
         return old._replace(lr=lr, p=p, g=g, counts=counts)

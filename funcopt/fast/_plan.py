@@ -80,15 +80,17 @@ class Layout(NamedTuple):
     """Where an optimizer's chain state keeps its counts and buffers.
 
     ``types``: the type of each chain entry; ``counted``: positions of entries with a ``count``
-    field (each step adds one); ``buffers``: buffer name -> (position, field) for the
-    params-shaped fields this configuration uses; ``unused``: the same for declared buffers
-    this configuration leaves empty (``()``), or None where it has no such field at all.
+    field (each step adds one) and ``count_index`` that field's index in each; ``buffers``:
+    buffer name (a field name) -> (position, field index) for the params-shaped fields this
+    configuration uses; ``unused``: the same for declared buffers this configuration leaves
+    empty (``()``), or None where it has no such field at all.
     """
 
     types: tuple[type, ...]
     counted: tuple[int, ...]
-    buffers: dict[str, tuple[int, str]]
-    unused: dict[str, tuple[int, str] | None]
+    count_index: tuple[int, ...]
+    buffers: dict[str, tuple[int, int]]
+    unused: dict[str, tuple[int, int] | None]
 
     @staticmethod
     def of(empty_state: Any, declared: tuple[str, ...], where: str) -> Layout:
@@ -96,23 +98,24 @@ class Layout(NamedTuple):
         if type(empty_state) is not tuple:
             raise TypeError(f"{where}: a fast route needs a chain state (a tuple), got {type(empty_state).__name__}")
         counted: list[int] = []
-        buffers: dict[str, tuple[int, str]] = {}
-        unused: dict[str, tuple[int, str] | None] = {}
+        count_index: list[int] = []
+        buffers: dict[str, tuple[int, int]] = {}
+        unused: dict[str, tuple[int, int] | None] = {}
         for i, entry in enumerate(empty_state):
             fields = getattr(type(entry), "_fields", None)
             if fields is None:
                 raise TypeError(f"{where}: chain entry {i} is a {type(entry).__name__}, not a NamedTuple state")
-            for field in fields:
-                value = getattr(entry, field)
+            for k, (field, value) in enumerate(zip(fields, entry)):
                 if field == "count":
                     counted.append(i)
+                    count_index.append(k)
                 elif field in declared:
                     if field in buffers or field in unused:
                         raise TypeError(f"{where}: the buffer name {field!r} appears twice in the chain state")
                     if absent(value):
-                        unused[field] = (i, field)
+                        unused[field] = (i, k)
                     else:
-                        buffers[field] = (i, field)
+                        buffers[field] = (i, k)
                 elif not absent(value):
                     raise TypeError(
                         f"{where}: state field {type(entry).__name__}.{field} is not among the declared "
@@ -121,7 +124,7 @@ class Layout(NamedTuple):
         for name in declared:  # a block this configuration leaves out (e.g. no momentum)
             if name not in buffers and name not in unused:
                 unused[name] = None
-        return Layout(tuple(type(s) for s in empty_state), tuple(counted), buffers, unused)
+        return Layout(tuple(type(s) for s in empty_state), tuple(counted), tuple(count_index), buffers, unused)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,12 +297,17 @@ def state_with(
     """The chain state with new counts and, where ``new`` is given, new buffers (as trees of
     ``spec``); every other entry (and, without ``new``, every container) unchanged."""
     entries = list(state)
-    changes: dict[int, dict[str, Any]] = {i: {"count": c} for i, c in counts.items()}
+    touched: dict[int, list[Any]] = {}
+    for i, k in zip(layout.counted, layout.count_index):
+        values = touched.get(i) or touched.setdefault(i, list(entries[i]))
+        values[k] = counts[i]
     if new is not None:
-        for name, (i, field) in layout.buffers.items():
+        for name, (i, k) in layout.buffers.items():
             leaves = new.get(name)
             if leaves is not None:
-                changes.setdefault(i, {})[field] = optree.tree_unflatten(spec, leaves)
-    for i, fields in changes.items():
-        entries[i] = entries[i]._replace(**fields)
+                values = touched.get(i) or touched.setdefault(i, list(entries[i]))
+                values[k] = optree.tree_unflatten(spec, leaves)
+    types = layout.types
+    for i, values in touched.items():
+        entries[i] = tuple.__new__(types[i], values)  # the NamedTuple, as ``_make`` builds it
     return tuple(entries)

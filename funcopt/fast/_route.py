@@ -90,6 +90,7 @@ class FastPath:
         # Python-number hyperparameters are read once; tensors are read at every step.
         static = not any(isinstance(v, torch.Tensor) for v in arguments.values())
         self._static_h = self._hyperparams() if static else None
+        self._reads_params = type(self._static_h) is dict and self.reads_params(self._static_h)
         self._layout: Layout | None = None
         self.memo: Memo | None = None
 
@@ -113,6 +114,10 @@ class FastPath:
             h[name] = args[name]
         return h
 
+    def reads_params(self, h: dict[str, Any]) -> bool:
+        """Whether a pure step with these hyperparameters reads the params (weight decay)."""
+        return any(h[name] for name in self.route.needs_params if name in h)
+
     def layout(self) -> Layout:
         """The state layout of this configuration, read once from ``init({})``."""
         if self._layout is None:
@@ -125,29 +130,26 @@ class FastPath:
         if type(h) is str:
             return h
         layout = self.layout()
-        if type(state) is not tuple or len(state) != len(layout.types):
+        if type(state) is not tuple or tuple(map(type, state)) != layout.types:
             return "the state does not have the layout this optimizer's init builds"
-        for entry, expected in zip(state, layout.types):
-            if type(entry) is not expected:
-                return "the state does not have the layout this optimizer's init builds"
         lr = learning_rate_at(self.learning_rate, state, schedule_position(layout))
         if type(lr) is str:
             return lr
         g, spec = flatten(grads)
-        needs_params = donate or any(h[name] for name in self.route.needs_params if name in h)
+        needs_params = donate or (self._reads_params if h is self._static_h else self.reads_params(h))
         if params is None and needs_params:
             return "params were not passed (weight decay and in-place steps read them)"
         buffers: dict[str, list[torch.Tensor] | None] = {}
-        for name, (i, field) in layout.buffers.items():
-            subtree = getattr(state[i], field)
+        for name, (i, k) in layout.buffers.items():
+            subtree = state[i][k]
             if absent(subtree):
                 return "the state does not have the layout this optimizer's init builds"
             leaves, sub_spec = flatten(subtree)
             if sub_spec != spec:
-                return f"the state's {field} is not shaped like the gradients"
+                return f"the state's {name} is not shaped like the gradients"
             buffers[name] = leaves
         for name, where in layout.unused.items():
-            if where is not None and not absent(getattr(state[where[0]], where[1])):
+            if where is not None and not absent(state[where[0]][where[1]]):
                 return "the state does not have the layout this optimizer's init builds"
             buffers[name] = None
         p = None
@@ -171,7 +173,7 @@ class FastPath:
         self, plan: Plan, new_counts: dict[int, torch.Tensor], first: bool | None
     ) -> tuple[torch.Tensor, bool]:
         """``(step, first)`` of this step's kernel calls (see :class:`KernelCall`)."""
-        counted = self.layout().counted
+        counted = self._layout.counted  # set by plan() before any run
         if not counted:
             return torch.ones((), dtype=torch.int64, device=plan.columns.device), False
         if first is None:
@@ -201,8 +203,11 @@ class FastPath:
                 bufs = dict(bufs)
             return kernel(KernelCall(h, lr, p, g, bufs, donate, donate, step, first)), bufs
 
-        out, new_buffers = _per_dtype_group(plan, group_step)
-        layout = self.layout()
+        if len(plan.columns.groups) == 1:  # the common case: one dtype, no re-indexing
+            out, new_buffers = group_step(plan.g, plan.p, plan.buffers)
+        else:
+            out, new_buffers = _per_dtype_group(plan, group_step)
+        layout = self._layout
         if donate and not new_containers:  # written in place: the containers are handed on
             return out, state_with(layout, plan.spec, state, None, new_counts)
         return out, state_with(layout, plan.spec, state, new_buffers, new_counts)
@@ -365,18 +370,28 @@ def declare(route: FastRoute) -> Callable[[Callable[..., GradientTransformation]
     ``update`` otherwise. The signature (read by ``inject_hyperparams``) is kept, and the
     declaration is reachable as ``factory.fast_route``.
 
-    Example (an elementwise optimizer, declared next to its reference math)::
+    Example (SGD with a heavy-ball momentum, declared next to its reference chain; the test
+    ``tests/test_fast_declare.py`` runs a fuller version)::
 
-        def _sign_sgd_kernel(call):
-            step = torch._foreach_sign(call.g)
-            if call.in_place:
-                torch._foreach_add_(call.p, step, alpha=-call.lr)
+        def _heavy_ball_kernel(call):
+            buf = call.bufs["momentum_buffer"]
+            if call.in_place:  # a donated step: write params and buffers
+                if call.first:
+                    torch._foreach_copy_(buf, call.g)
+                else:
+                    torch._foreach_mul_(buf, call.h["momentum"])
+                    torch._foreach_add_(buf, call.g)
+                torch._foreach_add_(call.p, buf, alpha=-call.lr)
                 return call.p
-            return torch._foreach_mul(step, -call.lr)
+            new = ([g.clone() for g in call.g] if call.first
+                   else torch._foreach_add(torch._foreach_mul(buf, call.h["momentum"]), call.g))
+            call.bufs["momentum_buffer"] = new  # pure: fresh state, fresh updates
+            return torch._foreach_mul(new, -call.lr)
 
-        @declare(FastRoute(_sign_sgd_kernel, hyperparams=(), needs_params=()))
-        def sign_sgd(learning_rate):
-            return chain(scale_by_sign(), scale_by_learning_rate(learning_rate))
+        @declare(FastRoute(_heavy_ball_kernel, hyperparams=("momentum",),
+                           buffers=("momentum_buffer",), needs_first_step=True))
+        def heavy_ball(learning_rate, momentum=0.9):
+            return chain(trace(momentum), scale_by_learning_rate(learning_rate))
     """
     if not isinstance(route, FastRoute):
         raise TypeError(f"declare expects a FastRoute, got {type(route).__name__}")

@@ -35,6 +35,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
@@ -45,7 +46,8 @@ import torch
 import funcopt
 from funcopt import apply_gradients
 from funcopt import fast as fused
-from funcopt.fast import native
+
+native = getattr(fused, "native", None)  # the optional backend of single-pass CPU kernels
 
 
 def resnet18_shapes() -> list[tuple[int, ...]]:
@@ -118,7 +120,7 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
             use_native = mode == "pure_step"
 
             def step():
-                with native.enabled(use_native):
+                with native.enabled(use_native) if native is not None else contextlib.nullcontext():
                     box["p"], box["s"] = apply_gradients(tx, grads_tree, box["s"], box["p"])
         elif mode == "donated":  # on the shared buffers, with torch's state tensors as its state
             box["p"] = {k: p.detach() for k, p in zip(keys, shared)}
@@ -149,7 +151,9 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
             use_native = mode == "fast"
 
             def step():
-                with fused.fast_path_enabled(enabled), native.enabled(use_native):
+                with fused.fast_path_enabled(enabled), (
+                    native.enabled(use_native) if native is not None else contextlib.nullcontext()
+                ):
                     u, box["s"] = tx.update(grads_tree, box["s"], box["p"])
                     box["p"] = funcopt.apply_updates(box["p"], u)
 
@@ -158,7 +162,7 @@ def make_rows(which: str, shapes: list[tuple[int, ...]], compile_row: bool) -> l
     funcopt_row("funcopt update+apply, reference path", "reference")
     funcopt_row("funcopt update+apply, fast path, torch kernels on copies", "fast_torch")
     funcopt_row("funcopt apply_gradients(donate=False), torch kernels on copies", "pure_step_torch")
-    if native.available():
+    if native is not None and native.available():
         funcopt_row("funcopt update+apply, fast path (pure, native kernels)", "fast")
         funcopt_row("funcopt apply_gradients(donate=False) (pure step, native kernels)", "pure_step")
     funcopt_row("funcopt apply_gradients(donate=True)", "donated")
@@ -258,7 +262,8 @@ def main() -> None:
     warmup = 2 if args.quick else 3
     compile_row = not (args.quick or args.no_compile)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up")
-    print(f"funcopt.fast.native kernels: {'built' if native.available() else native.unavailable_reason()}\n")
+    status = "not installed" if native is None else "built" if native.available() else native.unavailable_reason()
+    print(f"funcopt.fast.native kernels: {status}\n")
     for which in args.optimizers.split(","):
         for size in args.sizes.split(","):
             print(run(which, size, rounds, warmup, compile_row), flush=True)

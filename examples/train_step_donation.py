@@ -6,7 +6,7 @@ checks that they agree:
 - ``make_step(loss_fn, tx)`` (donate=True, the default): the step gives the params and the
   optimizer state's buffers to torch's fused Adam kernel, which updates them in place;
 - ``make_step(loss_fn, tx, donate=False)``: the pure step, which leaves its inputs untouched
-  (on the CPU through funcopt.native's single-pass kernels where they build, and once more
+  (on the CPU through funcopt.fast.native's single-pass kernels where they build, and once more
   with them switched off, torch's kernels on copies);
 - ``torch.optim.Adam(fused=True)`` on an identical ``nn.Module``, the usual PyTorch loop.
 
@@ -22,6 +22,7 @@ Run:  python examples/train_step_donation.py          (20 epochs, about a minute
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -63,8 +64,9 @@ def main() -> None:
         return F.cross_entropy(funcopt.nn.apply(model, params, None, xb), yb)
 
     tx = funcopt.adam(1e-3)
-    native = funcopt.native.available()  # the pure step's single-pass CPU kernels (built here on first use)
-    print(f"funcopt.native kernels: {'built' if native else funcopt.native.unavailable_reason()}")
+    backend = getattr(funcopt.fast, "native", None)  # the optional backend of single-pass CPU kernels
+    native = backend is not None and backend.available()  # (built here on first use)
+    print(f"funcopt.fast.native kernels: {'built' if native else backend.unavailable_reason() if backend else 'not installed'}")
     configs = [("make_step (donate=True)", True, True), ("make_step (donate=False)", False, True)]
     if native:
         configs.append(("make_step (donate=False), no native", False, False))
@@ -74,7 +76,7 @@ def main() -> None:
         opt_state = tx.init(params)
         step = funcopt.make_step(loss_fn, tx, donate=donate)
         times = []
-        with funcopt.native.enabled(use_native):
+        with backend.enabled(use_native) if backend is not None else contextlib.nullcontext():
             for epoch in range(epochs):
                 order = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))]
                 for i in range(0, len(order), batch):

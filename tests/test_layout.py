@@ -138,6 +138,8 @@ def test_removing_the_native_backend_leaves_funcopt_working(tmp_path):
     runs on the declarations' own kernels."""
     import shutil
 
+    if not (ROOT / "fast" / "native").exists():
+        pytest.skip("the native backend is not installed here (this run already is the check)")
     copy = tmp_path / "funcopt"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.rmtree(copy / "fast" / "native")

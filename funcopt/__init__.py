@@ -65,6 +65,7 @@ from funcopt.optimizers import nadam as nadam
 from funcopt.optimizers import radam as radam
 from funcopt.optimizers import rmsprop as rmsprop
 from funcopt.optimizers import sgd as sgd
+from funcopt.optimizers import sparse_adam as sparse_adam
 from funcopt.transforms import reduce_on_plateau as reduce_on_plateau
 from funcopt.transforms import ReduceOnPlateauState as ReduceOnPlateauState
 from funcopt.sweep import SweepResult as SweepResult

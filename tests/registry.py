@@ -147,6 +147,11 @@ ROWS: dict[str, Row] = _rows(
         funcopt.adam, dict(learning_rate=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
         Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),
     ),
+    Row(
+        "adam_decoupled_amsgrad",
+        funcopt.adam, dict(learning_rate=1e-2, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
+        Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
+    ),
     Row("adam_schedule", funcopt.adam, dict(learning_rate=_inverse_time)),
     Row("adam_tensor_lr", funcopt.adam, dict(learning_rate=torch.tensor(1e-2, dtype=torch.float64))),
     Row("adamw", funcopt.adamw, dict(learning_rate=1e-2), AdamW, dict(lr=1e-2)),
@@ -210,6 +215,13 @@ ROWS: dict[str, Row] = _rows(
     Row("chain_clip_adam", clipped_adam, dict(learning_rate=1e-2)),
     Row("inject_adam", funcopt.inject_hyperparams(funcopt.adam), dict(learning_rate=1e-2)),
 )
+
+
+# Optimizers the dense batteries cannot run (their inputs differ in kind), each with the test
+# file that covers them against their torch.optim oracle instead.
+OWN_BATTERY: dict[Callable[..., funcopt.GradientTransformation], str] = {
+    funcopt.sparse_adam: "tests/test_sparse_adam.py (sparse COO gradients)",
+}
 
 
 def optimizer_factories() -> list[Callable[..., funcopt.GradientTransformation]]:

@@ -3,6 +3,8 @@ grad, dtypes, checkpoint resume, errors."""
 
 from __future__ import annotations
 
+import pathlib
+
 import optree
 import pytest
 import torch
@@ -199,6 +201,9 @@ def test_the_registry_covers_every_optimizer_and_route():
     family and torch.optim counterpart is exercised by some row."""
     rows = registry.ROWS.values()
     for factory in registry.optimizer_factories():
+        if factory in registry.OWN_BATTERY:
+            assert pathlib.Path(__file__).with_name(registry.OWN_BATTERY[factory].split()[0][len("tests/"):]).exists()
+            continue
         mine = [r for r in rows if r.factory is factory]
         assert mine, f"funcopt.{factory.__name__} has no row in tests/registry.py"
         if hasattr(factory, "fast_route"):
@@ -296,3 +301,21 @@ def test_mask_errors_name_the_path():
         funcopt.adamw(mask={"w": True, "b": 1}).init(params)
     with pytest.raises(ValueError, match="mask"):
         funcopt.adamw(mask={"w": True}).init(params)
+
+
+def test_adam_with_decoupled_weight_decay_equals_adamw():
+    """torch 2.13's Adam(decoupled_weight_decay=True) is AdamW: same state layout, same numbers."""
+    params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
+    a = funcopt.adam(1e-2, weight_decay=0.1, decoupled_weight_decay=True)
+    w = funcopt.adamw(1e-2, weight_decay=0.1)
+    sa, sw = a.init(params), w.init(params)
+    assert optree.tree_structure(sa) == optree.tree_structure(sw)
+    pa = pw = params
+    for i in range(5):
+        g = funcopt.tree.map(lambda p, i=i: torch.sin(p * (i + 1)), pa)
+        ua, sa = a.update(g, sa, pa)
+        uw, sw = w.update(g, sw, pw)
+        pa, pw = funcopt.apply_updates(pa, ua), funcopt.apply_updates(pw, uw)
+    assert_trees_equal((pa, sa), (pw, sw))
+    with pytest.raises(funcopt.FuncoptError, match="decoupled_weight_decay must be True or False"):
+        funcopt.adam(1e-3, decoupled_weight_decay=1)

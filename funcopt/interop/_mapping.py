@@ -23,7 +23,7 @@ from funcopt.transforms import (
 
 __all__ = ["param_paths", "SUPPORTED"]
 
-SUPPORTED = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam", "lbfgs")
+SUPPORTED = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam", "lbfgs", "sparseadam")
 """Lower-case names of the torch.optim classes that can be converted."""
 
 # funcopt state type -> {field: torch state key} for the per-parameter tensors it holds
@@ -126,6 +126,8 @@ def _kind(optimizer: Any, sd: Mapping[str, Any], kind: str | None) -> str:
             kind = "nadam"
         elif "betas" in g and "amsgrad" in g:
             kind = "adamw" if g.get("decoupled_weight_decay") else "adam"
+        elif "betas" in g and "weight_decay" not in g:
+            kind = "sparseadam"
         else:
             raise FuncoptError("cannot tell which torch.optim optimizer wrote this state_dict; pass kind='adam' (etc.).")
     kind = kind.lower()
@@ -171,6 +173,9 @@ def _tx_from_group(kind: str, g: Mapping[str, Any]) -> GradientTransformation:
         factory = _opt.adamw if kind == "adamw" or g.get("decoupled_weight_decay") else _opt.adam
         return factory(n["lr"], b1, b2, n["eps"], weight_decay=n.get("weight_decay", 0),
                        amsgrad=bool(g.get("amsgrad", False)), maximize=bool(g.get("maximize", False)))
+    if kind == "sparseadam":
+        b1, b2 = (_num(b) for b in g["betas"])
+        return _opt.sparse_adam(n["lr"], b1, b2, n["eps"], bool(g.get("maximize", False)))
     if kind == "rmsprop":
         return _opt.rmsprop(n["lr"], n["alpha"], n["eps"], n.get("weight_decay", 0), n.get("momentum", 0),
                             bool(g.get("centered", False)), bool(g.get("maximize", False)))

@@ -264,7 +264,8 @@ def to_torch(
                     per[p].pop("momentum_buffer", None)
         else:
             for p in paths:
-                per[p]["step"] = torch.tensor(float(count), dtype=scalar)
+                # SparseAdam keeps a Python int; the others a 0-dim tensor
+                per[p]["step"] = count if name == "sparseadam" else torch.tensor(float(count), dtype=scalar)
     if name in ("adam", "adamw") and group.get("amsgrad") and started and any("max_exp_avg_sq" not in per[p] for p in paths):
         raise FuncoptError("the torch optimizer uses amsgrad=True but the funcopt state has no nu_max (built without amsgrad).")
     ids = [i for g in sd["param_groups"] for i in g["params"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from funcopt.base import GradientTransformation, ScalarOrSchedule
+from funcopt.base import FuncoptError, GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
 from funcopt.optimizers._common import Mask, build, fold_l2, l2, sign
 from funcopt.transforms import (
@@ -30,7 +30,7 @@ def _adam_kernel(call: KernelCall) -> list[torch.Tensor]:
     """
     h, lr, p, g, bufs = call.h, call.lr, call.p, call.g, call.bufs
     mu, nu, nu_max = bufs["mu"], bufs["nu"], bufs["nu_max"]
-    wd, maximize, decoupled = h["weight_decay"], h["maximize"], h["decoupled"]
+    wd, maximize, decoupled = h["weight_decay"], h["maximize"], h["decoupled_weight_decay"]
     steps = [call.step] * len(g)
     common = dict(beta1=h["b1"], beta2=h["b2"], eps=h["eps"], amsgrad=nu_max is not None)
     if call.in_place:
@@ -50,9 +50,8 @@ def _adam_kernel(call: KernelCall) -> list[torch.Tensor]:
     FastRoute(
         _adam_kernel,
         hyperparams=("b1", "b2", "eps", "weight_decay"),
-        flags=("amsgrad", "maximize"),
+        flags=("amsgrad", "maximize", "decoupled_weight_decay"),
         buffers=("mu", "nu", "nu_max"),
-        constants={"decoupled": False},
         writes_state=True,
         family="adam",
     )
@@ -65,15 +64,27 @@ def adam(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     maximize: bool = False,
+    decoupled_weight_decay: bool = False,
 ) -> GradientTransformation:
-    """Adam, like ``torch.optim.Adam`` (``weight_decay`` is L2 added to the gradient).
+    """Adam, like ``torch.optim.Adam``.
+
+    ``weight_decay`` is L2 added to the gradient, or, with ``decoupled_weight_decay=True``
+    (torch 2.13's switch of the same name), decoupled as in :func:`adamw`, which this then
+    equals (same numbers, same state).
 
     References: Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015, arXiv 1412.6980.
     """
+    if not isinstance(decoupled_weight_decay, bool):
+        raise FuncoptError(
+            f"adam: decoupled_weight_decay must be True or False, got {decoupled_weight_decay!r}. "
+            "Pass a Python bool (it decides the chain's structure)."
+        )
+    decay = l2(weight_decay)
     return build(
         sign(maximize),
-        l2(weight_decay),
+        None if decoupled_weight_decay else decay,
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        decay if decoupled_weight_decay else None,
         scale_by_learning_rate(learning_rate),
     )
 
@@ -84,7 +95,7 @@ def adam(
         hyperparams=("b1", "b2", "eps", "weight_decay"),
         flags=("amsgrad", "maximize"),
         buffers=("mu", "nu", "nu_max"),
-        constants={"decoupled": True},
+        constants={"decoupled_weight_decay": True},
         unsupported=("mask",),
         writes_state=True,
         family="adam",

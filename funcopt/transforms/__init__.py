@@ -57,6 +57,7 @@ from funcopt.transforms._masking import (
     set_to_zero,
 )
 from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
+from funcopt.transforms._sparse import scale_by_sparse_adam
 from funcopt.transforms._scale import (
     ScaleByScheduleState,
     TraceState,
@@ -90,6 +91,7 @@ __all__ = [
     "scale_by_rms",
     "scale_by_rss",
     "scale_by_trust_ratio",
+    "scale_by_sparse_adam",
     "trace",
     "add_decayed_weights",
     "clip",

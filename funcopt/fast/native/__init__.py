@@ -70,7 +70,7 @@ def _adam_kernel(call: Any) -> list[torch.Tensor]:
     h, bufs = call.h, call.bufs
     out, bufs["mu"], bufs["nu"], bufs["nu_max"] = adam(
         call.g, bufs["mu"], bufs["nu"], bufs["nu_max"], call.p, lr=call.lr, b1=h["b1"], b2=h["b2"], eps=h["eps"],
-        step=int(call.step), weight_decay=h["weight_decay"], decoupled=h["decoupled"], maximize=h["maximize"],
+        step=int(call.step), weight_decay=h["weight_decay"], decoupled=h["decoupled_weight_decay"], maximize=h["maximize"],
         write_params=call.write_params,
     )
     return out

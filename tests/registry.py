@@ -28,6 +28,7 @@ import torch
 
 import funcopt
 from funcopt import schedules, tree
+from tests.muon_reference import MuonOnMatrices, other_leaves_frozen
 
 
 def _matrices(params):
@@ -48,6 +49,11 @@ def clipped_adam(learning_rate=1e-2, max_norm=1.0, max_delta=0.5):
 # Optimizers whose update is piecewise constant in the gradients (sign): their unrolled
 # gradients are zero almost everywhere, so finite differences check nothing.
 _PIECEWISE_CONSTANT = (funcopt.lion,)
+# Muon's Newton-Schulz runs in bfloat16 (as torch's): its output is a function of the bfloat16
+# cast of the momentum, piecewise constant in the gradients too.
+_PIECEWISE_CONSTANT += (funcopt.muon, funcopt.muon_with_adamw)
+# Rprop moves each element by -sign(g) * step_size; its step sizes change by sign tests only.
+_PIECEWISE_CONSTANT += (funcopt.rprop,)
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,13 @@ class Row:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     torch_class: type | None = None
     torch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # A function tx -> tx that routes the leaves the factory does not take to another optimizer
+    # (muon: the non-2-D leaves of the batteries' params, frozen; see tests/muon_reference.py).
+    route: Callable[[funcopt.GradientTransformation], funcopt.GradientTransformation] | None = None
 
     def make(self) -> funcopt.GradientTransformation:
-        return self.factory(**self.kwargs)
+        tx = self.factory(**self.kwargs)
+        return tx if self.route is None else self.route(tx)
 
     @property
     def torch(self) -> bool:
@@ -89,6 +99,8 @@ class Row:
     @property
     def plain(self) -> bool:
         """The factory is one of funcopt.optimizers' (so ``inject_hyperparams`` can wrap it)."""
+        if self.route is not None:  # inject_hyperparams(factory) alone would miss the route
+            return False
         return any(self.factory is f for f in optimizer_factories())
 
     @property
@@ -211,6 +223,57 @@ ROWS: dict[str, Row] = _rows(
     Row("lion_no_decay", funcopt.lion, dict(learning_rate=3e-3, weight_decay=0.0)),
     Row("lion_mask", funcopt.lion, dict(learning_rate=3e-3, weight_decay=0.1, mask=_matrices)),
     Row("lamb", funcopt.lamb, dict(learning_rate=1e-2, weight_decay=1e-2)),
+    # --- Muon: 2-D leaves only, so the batteries' biases and scalars stay frozen on both sides
+    # (route= around funcopt.muon; MuonOnMatrices gives torch.optim.Muon the 2-D params only).
+    # muon_with_adamw (Muon + AdamW): its parity with torch.optim.Muon + torch.optim.AdamW is in
+    # tests/test_muon.py, with the float32 tolerance that AdamW's ulps need there.
+    Row("muon", funcopt.muon, dict(learning_rate=0.02), MuonOnMatrices, dict(lr=0.02), route=other_leaves_frozen),
+    Row(
+        "muon_plain_no_decay_original",
+        funcopt.muon, dict(learning_rate=0.02, weight_decay=0.0, momentum=0.9, nesterov=False, adjust_lr_fn="original"),
+        MuonOnMatrices, dict(lr=0.02, weight_decay=0.0, momentum=0.9, nesterov=False, adjust_lr_fn="original"),
+        route=other_leaves_frozen,
+    ),
+    Row(
+        "muon_match_rms_adamw_ns3",
+        funcopt.muon, dict(learning_rate=0.01, adjust_lr_fn="match_rms_adamw", ns_steps=3, eps=1e-4),
+        MuonOnMatrices, dict(lr=0.01, adjust_lr_fn="match_rms_adamw", ns_steps=3, eps=1e-4),
+        route=other_leaves_frozen,
+    ),
+    Row(
+        "muon_with_adamw",
+        funcopt.muon_with_adamw, dict(learning_rate=0.02, adamw_learning_rate=1e-2, adamw_weight_decay=0.05),
+    ),
+    # --- Adadelta, Rprop, ASGD (tests/test_classic.py adds bfloat16, interop and ASGD averaging)
+    Row("adadelta", funcopt.adadelta, dict(), torch.optim.Adadelta, dict()),
+    Row(
+        "adadelta_l2_maximize",
+        funcopt.adadelta, dict(learning_rate=0.5, rho=0.8, eps=1e-4, weight_decay=0.05, maximize=True),
+        torch.optim.Adadelta, dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.05, maximize=True),
+    ),
+    Row("adadelta_schedule", funcopt.adadelta, dict(learning_rate=schedules.warmup_cosine_decay(0.0, 2.0, 3, 100))),
+    Row("rprop", funcopt.rprop, dict(), torch.optim.Rprop, dict()),
+    Row(
+        "rprop_etas_step_sizes_maximize",
+        funcopt.rprop, dict(learning_rate=0.05, etas=(0.3, 1.5), step_sizes=(1e-4, 0.5), maximize=True),
+        torch.optim.Rprop, dict(lr=0.05, etas=(0.3, 1.5), step_sizes=(1e-4, 0.5), maximize=True),
+    ),
+    Row("asgd", funcopt.asgd, dict(learning_rate=0.05), torch.optim.ASGD, dict(lr=0.05)),
+    Row(
+        "asgd_averaging_l2_maximize",
+        funcopt.asgd, dict(learning_rate=0.05, lambd=1e-3, alpha=0.6, t0=5.0, weight_decay=0.01, maximize=True),
+        torch.optim.ASGD, dict(lr=0.05, lambd=1e-3, alpha=0.6, t0=5.0, weight_decay=0.01, maximize=True),
+    ),
+    Row("asgd_schedule", funcopt.asgd, dict(learning_rate=schedules.warmup_cosine_decay(0.0, 0.1, 3, 100), t0=2.0)),
+    # --- Adafactor (reference chain only: its row/column factors are not shaped like the params)
+    Row("adafactor", funcopt.adafactor, dict(), torch.optim.Adafactor, dict()),
+    Row(
+        "adafactor_eps_d_decay_maximize",
+        funcopt.adafactor,
+        dict(learning_rate=0.05, beta2_decay=-0.5, eps=(1e-3, 1e-2), d=2.0, weight_decay=0.05, maximize=True),
+        torch.optim.Adafactor,
+        dict(lr=0.05, beta2_decay=-0.5, eps=(1e-3, 1e-2), d=2.0, weight_decay=0.05, maximize=True),
+    ),
     # --- Compositions: a chain with no fast route; inject_hyperparams around a fast one
     Row("chain_clip_adam", clipped_adam, dict(learning_rate=1e-2)),
     Row("inject_adam", funcopt.inject_hyperparams(funcopt.adam), dict(learning_rate=1e-2)),

@@ -139,7 +139,7 @@ def test_transforms_package_exports_the_helpers_for_writing_blocks_and_state_typ
     helpers = ["first_device", "init_count", "is_python_zero", "injected_states"]
     helpers += ["check_learning_rate", "check_beta", "check_non_negative"]
     assert all(callable(getattr(T, name)) and name in T.__all__ for name in helpers)
-    states = [getattr(T, n) for n in T.__all__ if n[0].isupper()]
+    states = [getattr(T, n) for n in T.__all__ if isinstance(getattr(T, n), type) and hasattr(getattr(T, n), "_fields")]
     assert len(states) >= 8
     for cls in states:
         assert list(typing.get_type_hints(cls)) == list(cls._fields)

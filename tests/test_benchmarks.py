@@ -14,6 +14,7 @@ import pytest
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 SMALLEST = {
     "bench_step.py": ["--quick", "--rounds", "1", "--sizes", "S3"],
+    "bench_catalog.py": ["--quick", "--rounds", "1", "--sizes", "S3"],
     "bench_checkpoint.py": ["--fast", "--dir", "{tmp}"],
     "bench_hypergrad.py": ["--skip-accuracy", "--rounds", "1", "--warmup", "0"],
     "bench_lbfgs.py": ["--fast", "--repeats", "1"],

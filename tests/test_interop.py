@@ -182,8 +182,11 @@ def test_errors_say_what_and_how():
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(FuncoptError, match="has 4 parameters but params has 3 tensor leaves"):
         interop.from_torch(opt, dict(list(params.items())[:3]))
+    class CustomOptimizer(torch.optim.SGD):  # a torch.optim class funcopt cannot know
+        pass
+
     with pytest.raises(FuncoptError, match="not supported by funcopt.interop"):
-        interop.from_torch(torch.optim.Adadelta(model.parameters()), params)
+        interop.from_torch(CustomOptimizer(model.parameters(), lr=0.1), params)
     with pytest.raises(FuncoptError, match="expected a torch.optim.Optimizer or its state_dict"):
         interop.from_torch({"state": {}}, params)
     with pytest.raises(FuncoptError, match="cannot tell which torch.optim optimizer"):

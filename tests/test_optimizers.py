@@ -82,6 +82,8 @@ def test_state_is_plain_containers_of_tensors(name):
     def counts_in(node):
         if isinstance(getattr(node, "count", None), torch.Tensor):
             return [node.count]
+        if isinstance(node, dict):  # e.g. multi_transform's groups
+            return [c for child in node.values() for c in counts_in(child)]
         return [c for child in node for c in counts_in(child)] if isinstance(node, tuple) else []
 
     counts = counts_in(state)

@@ -94,7 +94,7 @@ class Memo(NamedTuple):
         )
         return Memo(
             state,
-            plan._replace(g=[], p=None, counts={}),
+            plan._replace(g=[], p=None, counts={}, scalars={}),
             LeafReader(params, plan.spec),
             [t.data_ptr() for t in out],
             [t.shape for t in out],
@@ -151,4 +151,5 @@ class Memo(NamedTuple):
         else:  # a Python number (a remembered step has static hyperparameters)
             lr = old.lr
         counts = {i: state[i].count for i in layout.counted}
-        return old._replace(lr=lr, p=p, g=g, counts=counts)
+        scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()}
+        return old._replace(lr=lr, p=p, g=g, counts=counts, scalars=scalars)

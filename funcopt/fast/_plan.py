@@ -83,7 +83,9 @@ class Layout(NamedTuple):
     field (each step adds one) and ``count_index`` that field's index in each; ``buffers``:
     buffer name (a field name) -> (position, field index) for the params-shaped fields this
     configuration uses; ``unused``: the same for declared buffers this configuration leaves
-    empty (``()``), or None where it has no such field at all.
+    empty (``()``), or None where it has no such field at all; ``scalars``: name -> (position,
+    field index) of the declared 0-dim tensor fields (e.g. ASGD's ``eta``), which each step
+    replaces like a count.
     """
 
     types: tuple[type, ...]
@@ -91,16 +93,19 @@ class Layout(NamedTuple):
     count_index: tuple[int, ...]
     buffers: dict[str, tuple[int, int]]
     unused: dict[str, tuple[int, int] | None]
+    scalars: dict[str, tuple[int, int]] = {}
 
     @staticmethod
-    def of(empty_state: Any, declared: tuple[str, ...], where: str) -> Layout:
-        """The layout of ``init({})`` (a chain state over no params) for the declared buffers."""
+    def of(empty_state: Any, declared: tuple[str, ...], where: str, scalars: tuple[str, ...] = ()) -> Layout:
+        """The layout of ``init({})`` (a chain state over no params) for the declared buffers
+        and 0-dim ``scalars`` fields."""
         if type(empty_state) is not tuple:
             raise TypeError(f"{where}: a fast route needs a chain state (a tuple), got {type(empty_state).__name__}")
         counted: list[int] = []
         count_index: list[int] = []
         buffers: dict[str, tuple[int, int]] = {}
         unused: dict[str, tuple[int, int] | None] = {}
+        found_scalars: dict[str, tuple[int, int]] = {}
         for i, entry in enumerate(empty_state):
             fields = getattr(type(entry), "_fields", None)
             if fields is None:
@@ -109,6 +114,10 @@ class Layout(NamedTuple):
                 if field == "count":
                     counted.append(i)
                     count_index.append(k)
+                elif field in scalars:
+                    if field in found_scalars or not isinstance(value, torch.Tensor) or value.dim() != 0:
+                        raise TypeError(f"{where}: the scalar {field!r} is not one 0-dim tensor field of the chain state")
+                    found_scalars[field] = (i, k)
                 elif field in declared:
                     if field in buffers or field in unused:
                         raise TypeError(f"{where}: the buffer name {field!r} appears twice in the chain state")
@@ -124,7 +133,11 @@ class Layout(NamedTuple):
         for name in declared:  # a block this configuration leaves out (e.g. no momentum)
             if name not in buffers and name not in unused:
                 unused[name] = None
-        return Layout(tuple(type(s) for s in empty_state), tuple(counted), tuple(count_index), buffers, unused)
+        missing = [name for name in scalars if name not in found_scalars]
+        if missing:
+            raise TypeError(f"{where}: the chain state has no scalar field {missing[0]!r}")
+        types = tuple(type(s) for s in empty_state)
+        return Layout(types, tuple(counted), tuple(count_index), buffers, unused, found_scalars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +271,9 @@ class KernelCall(NamedTuple):
     (backends): return the new params instead of updates; ``step``: the new step count
     (1-based) of the first counted state entry, a 0-dim int64 tensor on the device (ones
     where the state counts nothing); ``first``: whether this is the first step (read only for
-    declarations with ``needs_first_step``, else False).
+    declarations with ``needs_first_step``, else False); ``scalars``: the declaration's 0-dim
+    state fields by name (None where it declares none), which the kernel replaces with new
+    tensors of the same dtype and device (never writing the old ones, even in place).
     """
 
     h: dict[str, Any]
@@ -270,6 +285,7 @@ class KernelCall(NamedTuple):
     write_params: bool
     step: torch.Tensor
     first: bool
+    scalars: dict[str, torch.Tensor] | None = None
 
 
 class Plan(NamedTuple):
@@ -278,7 +294,8 @@ class Plan(NamedTuple):
     ``h``: the hyperparameters as Python floats/bools (with the declaration's constants);
     ``lr``: the learning rate of this step; ``spec``: the grads' tree structure; ``p``/``g``:
     the params (or None) and grads leaves; ``buffers``: buffer name -> leaves (None where this
-    configuration has no such buffer); ``counts``: chain position -> step count tensor.
+    configuration has no such buffer); ``counts``: chain position -> step count tensor;
+    ``scalars``: the declared 0-dim state fields by name.
     """
 
     h: dict[str, Any]
@@ -289,18 +306,28 @@ class Plan(NamedTuple):
     g: list[torch.Tensor]
     buffers: dict[str, list[torch.Tensor] | None]
     counts: dict[int, torch.Tensor]
+    scalars: dict[str, torch.Tensor] = {}
 
 
 def state_with(
-    layout: Layout, spec: Any, state: tuple, new: dict[str, list[Any] | None] | None, counts: dict[int, torch.Tensor]
+    layout: Layout,
+    spec: Any,
+    state: tuple,
+    new: dict[str, list[Any] | None] | None,
+    counts: dict[int, torch.Tensor],
+    scalars: dict[str, torch.Tensor] | None = None,
 ) -> tuple:
-    """The chain state with new counts and, where ``new`` is given, new buffers (as trees of
-    ``spec``); every other entry (and, without ``new``, every container) unchanged."""
+    """The chain state with new counts and scalars and, where ``new`` is given, new buffers (as
+    trees of ``spec``); every other entry (and, without ``new``, every container) unchanged."""
     entries = list(state)
     touched: dict[int, list[Any]] = {}
     for i, k in zip(layout.counted, layout.count_index):
         values = touched.get(i) or touched.setdefault(i, list(entries[i]))
         values[k] = counts[i]
+    for name, (i, k) in layout.scalars.items():
+        if scalars and name in scalars:
+            values = touched.get(i) or touched.setdefault(i, list(entries[i]))
+            values[k] = scalars[name]
     if new is not None:
         for name, (i, k) in layout.buffers.items():
             leaves = new.get(name)

@@ -47,7 +47,8 @@ class FastRoute(NamedTuple):
             ``call.p``; otherwise it returns fresh updates, leaves the new state buffers in
             ``call.bufs`` and writes nothing it was given (but see ``writes_state``).
         hyperparams: factory arguments read as Python floats (a tensor argument is read with
-            ``float()`` at each step; one requiring grad or batched keeps the reference path).
+            ``float()`` at each step; one requiring grad or batched keeps the reference path);
+            a tuple of numbers (e.g. Rprop's ``etas``) is read as a tuple of floats.
         flags: factory arguments read as Python bools.
         buffers: the params-shaped state fields the kernel reads, by field name (the state
             layout itself is read from the reference ``init``).
@@ -61,6 +62,8 @@ class FastRoute(NamedTuple):
         needs_first_step: the kernel reads ``call.first`` (momentum starts at the first
             step); it is read from the step count, which on CUDA waits for the device.
         family: the kernel family backends may provide (default: the factory's name).
+        scalars: 0-dim tensor state fields the kernel reads and replaces, by field name
+            (``call.scalars``; e.g. ASGD's ``eta`` and ``mu``); backends do not take such routes.
     """
 
     kernel: Callable[[KernelCall], list[torch.Tensor]]
@@ -74,6 +77,7 @@ class FastRoute(NamedTuple):
     writes_state: bool = False
     needs_first_step: bool = False
     family: str | None = None
+    scalars: tuple[str, ...] = ()
 
 
 class FastPath:
@@ -88,7 +92,10 @@ class FastPath:
         lr = arguments["learning_rate"] if route.learning_rate is None else route.learning_rate(arguments)
         self.learning_rate = lr
         # Python-number hyperparameters are read once; tensors are read at every step.
-        static = not any(isinstance(v, torch.Tensor) for v in arguments.values())
+        static = not any(
+            isinstance(v, torch.Tensor) or (type(v) is tuple and any(isinstance(x, torch.Tensor) for x in v))
+            for v in arguments.values()
+        )
         self._static_h = self._hyperparams() if static else None
         self._reads_params = type(self._static_h) is dict and self.reads_params(self._static_h)
         self._layout: Layout | None = None
@@ -104,7 +111,12 @@ class FastPath:
                 return f"{name}= is given (the kernel updates every leaf)"
         h: dict[str, Any] = dict(route.constants)
         for name in route.hyperparams:
-            value = scalar(args[name])
+            value = args[name]
+            if type(value) is tuple:
+                items = tuple(scalar(v) for v in value)
+                value = None if None in items else items
+            else:
+                value = scalar(value)
             if value is None:
                 return f"hyperparameter {name} is not a Python number or a plain 0-dim tensor without grad"
             h[name] = value
@@ -121,7 +133,9 @@ class FastPath:
     def layout(self) -> Layout:
         """The state layout of this configuration, read once from ``init({})``."""
         if self._layout is None:
-            self._layout = Layout.of(self.reference.init({}), self.route.buffers, f"fast route of {self.name}")
+            self._layout = Layout.of(
+                self.reference.init({}), self.route.buffers, f"fast route of {self.name}", self.route.scalars
+            )
         return self._layout
 
     def plan(self, grads: PyTree, state: Any, params: PyTree | None, donate: bool) -> Plan | str:
@@ -165,7 +179,11 @@ class FastPath:
         for c in counts.values():
             if not count_ok(c, cols.device):
                 return "a step count is not a 0-dim int64 tensor on the params' device"
-        return Plan(h, lr, spec, cols, p, g, buffers, counts)
+        scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()}
+        for name, x in scalars.items():
+            if not _scalar_ok(x, cols.device):
+                return f"the state's {name} is not a plain 0-dim tensor on the params' device"
+        return Plan(h, lr, spec, cols, p, g, buffers, counts, scalars)
 
     # -- execution ------------------------------------------------------------------------
 
@@ -195,13 +213,20 @@ class FastPath:
         step, first = self._kernel_call(plan, new_counts, first)
         kernel, h, lr = self.route.kernel, plan.h, plan.lr
         copy_state = not donate and self.route.writes_state
+        new_scalars: dict[str, torch.Tensor] = {}
 
         def group_step(g, p, bufs):
             if copy_state:
                 bufs = {k: (None if v is None else [x.clone() for x in v]) for k, v in bufs.items()}
             else:
                 bufs = dict(bufs)
-            return kernel(KernelCall(h, lr, p, g, bufs, donate, donate, step, first)), bufs
+            if not plan.scalars:
+                return kernel(KernelCall(h, lr, p, g, bufs, donate, donate, step, first)), bufs
+            # each dtype group reads the step's old scalars; all compute the same new ones
+            scalars = dict(plan.scalars)
+            out = kernel(KernelCall(h, lr, p, g, bufs, donate, donate, step, first, scalars))
+            new_scalars.update(scalars)
+            return out, bufs
 
         if len(plan.columns.groups) == 1:  # the common case: one dtype, no re-indexing
             out, new_buffers = group_step(plan.g, plan.p, plan.buffers)
@@ -209,11 +234,13 @@ class FastPath:
             out, new_buffers = _per_dtype_group(plan, group_step)
         layout = self._layout
         if donate and not new_containers:  # written in place: the containers are handed on
-            return out, state_with(layout, plan.spec, state, None, new_counts)
-        return out, state_with(layout, plan.spec, state, new_buffers, new_counts)
+            return out, state_with(layout, plan.spec, state, None, new_counts, new_scalars)
+        return out, state_with(layout, plan.spec, state, new_buffers, new_counts, new_scalars)
 
     def run_backend(self, plan: Plan, state: tuple, write_params: bool) -> tuple[list[torch.Tensor], tuple] | None:
         """Runs the first registered backend that takes this pure step, or returns None."""
+        if plan.scalars:  # backend kernels know no scalar state fields
+            return None
         for backend in _BACKENDS:
             kernel = backend.kernels.get(self.family)
             if kernel is None or backend.reason(plan) is not None:
@@ -331,6 +358,16 @@ class FastPath:
         if self._static_h is not None and type(self._static_h) is dict:
             self.memo = Memo.of(new_state, plan, params, out, self.layout(), self.learning_rate)
         return out, new_state, list(plan.counts.values()), plan.spec
+
+
+def _scalar_ok(x: Any, device: torch.device) -> bool:
+    return (
+        type(x) is torch.Tensor
+        and x.dim() == 0
+        and x.device == device
+        and not x.requires_grad
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
 def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:

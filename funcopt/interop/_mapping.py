@@ -5,7 +5,7 @@ optimizer (private helpers of :func:`from_torch` and :func:`to_torch`)."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ import torch
 import funcopt.optimizers as _opt
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.transforms import (
+    ScaleByAdafactorState,
     ScaleByAdamaxState,
     ScaleByAdamState,
     ScaleByNadamState,
@@ -20,10 +21,13 @@ from funcopt.transforms import (
     ScaleByRssState,
     TraceState,
 )
+from funcopt.transforms import ScaleByAdadeltaState, ScaleByAsgdState, ScaleByRpropState
+from funcopt.transforms import ScaleByMuonState
 
 __all__ = ["param_paths", "SUPPORTED"]
 
-SUPPORTED = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam", "lbfgs", "sparseadam")
+SUPPORTED = ("sgd", "adam", "adamw", "rmsprop", "adagrad", "adamax", "nadam", "radam", "lbfgs", "sparseadam", "adafactor",
+             "adadelta", "rprop", "asgd", "muon")
 """Lower-case names of the torch.optim classes that can be converted."""
 
 # funcopt state type -> {field: torch state key} for the per-parameter tensors it holds
@@ -34,6 +38,22 @@ _FIELDS: dict[type, dict[str, str]] = {
     ScaleByRmsState: {"nu": "square_avg", "mu": "grad_avg"},
     ScaleByRssState: {"sum_of_squares": "sum"},
     TraceState: {"momentum_buffer": "momentum_buffer"},
+    ScaleByMuonState: {"momentum_buffer": "momentum_buffer"},
+    ScaleByAdadeltaState: {"square_avg": "square_avg", "acc_delta": "acc_delta"},
+    ScaleByRpropState: {"prev": "prev", "step_size": "step_size"},
+    ScaleByAsgdState: {"ax": "ax"},  # eta, mu: one value for all params (see _state_dict)
+    ScaleByAdafactorState: {"v_row": "row_var", "v_col": "col_var", "v": "variance"},
+}
+
+
+def _factored(p: torch.Tensor) -> bool:
+    return p.ndim > 1
+
+
+# state type -> {field: does a param leaf hold it} where a field holds a tensor for some leaves
+# only (an empty placeholder for the others), by torch's rule; other fields are held by every leaf
+_HELD: dict[type, dict[str, Callable[[torch.Tensor], bool]]] = {
+    ScaleByAdafactorState: {"v_row": _factored, "v_col": _factored, "v": lambda p: not _factored(p)},
 }
 _IGNORED_GROUP_KEYS = {"params", "foreach", "fused", "capturable", "differentiable", "initial_lr"}
 
@@ -116,6 +136,8 @@ def _kind(optimizer: Any, sd: Mapping[str, Any], kind: str | None) -> str:
         g = sd["param_groups"][0] if sd["param_groups"] else {}
         if "history_size" in g:
             kind = "lbfgs"
+        elif "ns_coefficients" in g:
+            kind = "muon"
         elif "dampening" in g:
             kind = "sgd"
         elif "centered" in g:
@@ -124,6 +146,14 @@ def _kind(optimizer: Any, sd: Mapping[str, Any], kind: str | None) -> str:
             kind = "adagrad"
         elif "momentum_decay" in g:
             kind = "nadam"
+        elif "beta2_decay" in g:
+            kind = "adafactor"
+        elif "rho" in g:
+            kind = "adadelta"
+        elif "etas" in g and "step_sizes" in g:
+            kind = "rprop"
+        elif "lambd" in g and "t0" in g:
+            kind = "asgd"
         elif "betas" in g and "amsgrad" in g:
             kind = "adamw" if g.get("decoupled_weight_decay") else "adam"
         elif "betas" in g and "weight_decay" not in g:
@@ -165,6 +195,10 @@ def _num(x: Any) -> Any:
 
 def _tx_from_group(kind: str, g: Mapping[str, Any]) -> GradientTransformation:
     n = {k: _num(v) for k, v in g.items()}
+    if kind == "muon":
+        return _opt.muon(n["lr"], n.get("weight_decay", 0), n["momentum"], bool(g.get("nesterov", True)),
+                         tuple(_num(c) for c in g["ns_coefficients"]), n["eps"], int(g["ns_steps"]),
+                         g.get("adjust_lr_fn"))
     if kind == "sgd":
         return _opt.sgd(n["lr"], n.get("momentum", 0), n.get("dampening", 0), bool(g.get("nesterov", False)),
                         n.get("weight_decay", 0), bool(g.get("maximize", False)))
@@ -176,6 +210,17 @@ def _tx_from_group(kind: str, g: Mapping[str, Any]) -> GradientTransformation:
     if kind == "sparseadam":
         b1, b2 = (_num(b) for b in g["betas"])
         return _opt.sparse_adam(n["lr"], b1, b2, n["eps"], bool(g.get("maximize", False)))
+    if kind == "adafactor":
+        return _opt.adafactor(n["lr"], n["beta2_decay"], tuple(_num(e) for e in g["eps"]), n["d"],
+                              n.get("weight_decay", 0), bool(g.get("maximize", False)))
+    if kind == "adadelta":
+        return _opt.adadelta(n["lr"], n["rho"], n["eps"], n.get("weight_decay", 0), bool(g.get("maximize", False)))
+    if kind == "rprop":
+        return _opt.rprop(n["lr"], tuple(float(e) for e in g["etas"]), tuple(float(s) for s in g["step_sizes"]),
+                          bool(g.get("maximize", False)))
+    if kind == "asgd":
+        return _opt.asgd(n["lr"], float(g["lambd"]), float(g["alpha"]), float(g["t0"]), n.get("weight_decay", 0),
+                         bool(g.get("maximize", False)))
     if kind == "rmsprop":
         return _opt.rmsprop(n["lr"], n["alpha"], n["eps"], n.get("weight_decay", 0), n.get("momentum", 0),
                             bool(g.get("centered", False)), bool(g.get("maximize", False)))

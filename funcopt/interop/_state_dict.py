@@ -5,6 +5,12 @@ funcopt training with ``torch.optim`` (:func:`to_torch`): the trajectories conti
 switch had happened (float tolerance; bitwise for most optimizers in float64). Supported:
 ``SGD``, ``Adam``, ``AdamW``, ``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ``RAdam`` and
 ``LBFGS`` (its curvature history; see :func:`from_torch` for when trajectories coincide).
+``Adafactor``'s row/column factors (``row_var``/``col_var``, not shaped like the params) map to
+``ScaleByAdafactorState.v_row``/``v_col`` and its ``variance`` to ``v``.
+``Adadelta``, ``Rprop`` and ``ASGD`` map field by field under torch's names; ASGD's
+per-parameter ``eta``/``mu`` (equal across parameters) map to the one ``ScaleByAsgdState.eta``/``mu``.
+``Muon``'s ``momentum_buffer`` maps to ``ScaleByMuonState.momentum_buffer``; torch keeps no step
+for Muon (none is written; a converted state's count is 1, which Muon's numerics do not use).
 
 torch indexes its per-parameter state by position (0, 1, ... in the order the parameters were
 given to the optimizer); funcopt keys it by pytree path. The two are matched by the order of the
@@ -24,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +39,7 @@ from funcopt.base import EmptyState, FuncoptError, GradientTransformation, OptSt
 from funcopt.interop._lbfgs_history import _lbfgs_from_torch, _lbfgs_to_torch
 from funcopt.interop._mapping import (
     _FIELDS,
+    _HELD,
     SUPPORTED,
     _hyperparams,
     _kind,
@@ -43,6 +50,7 @@ from funcopt.interop._mapping import (
     param_paths,
 )
 from funcopt.transforms import InjectHyperparamsState, ScaleByNadamState, ScaleByScheduleState
+from funcopt.transforms import ScaleByAsgdState
 
 __all__ = ["from_torch", "to_torch"]
 
@@ -81,16 +89,28 @@ class _TorchState:
             raise FuncoptError(f"the torch parameters have different step counts {sorted(steps)}; funcopt keeps one count.")
         self.step = int(steps.pop()) if steps else (1 if self.started else 0)
 
-    def tree(self, key: str, like: PyTree, where: str) -> PyTree:
+    def tree(self, key: str, like: PyTree, where: str, held: Callable[[torch.Tensor], bool] | None = None) -> PyTree:
+        """torch's ``key`` tensors as a tree shaped like ``like``; leaves whose param does not
+        ``held`` the field keep ``like``'s placeholder."""
         values = {}
+        leaves: list[tuple[str, torch.Tensor]] = []
+        _walk(like, "", leaves)
+        templates = dict(leaves)
+        shapes = {path: tuple(t.shape) for path, t in leaves}
         for path in self.paths:
             entry = self.by_path[path]
             value = entry.get(key)
+            p = self.params[path]
+            if held is not None and not held(p):
+                values[path] = templates[path]
+                continue
             if value is None:
                 raise FuncoptError(f"torch state for {path} lacks {key!r}, which {where} needs (a different optimizer?).")
-            p = self.params[path]
-            if tuple(value.shape) != tuple(p.shape):
-                raise FuncoptError(f"torch state {key!r} for {path} has shape {tuple(value.shape)}, the param {tuple(p.shape)}.")
+            if tuple(value.shape) != shapes.get(path, tuple(p.shape)):
+                expects = "" if shapes.get(path) == tuple(p.shape) else f" (funcopt keeps {shapes.get(path)})"
+                raise FuncoptError(
+                    f"torch state {key!r} for {path} has shape {tuple(value.shape)}, the param {tuple(p.shape)}{expects}."
+                )
             values[path] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
         return _rebuild(like, "", values)
 
@@ -119,7 +139,9 @@ def _fill(state: Any, ts: _TorchState, where: str) -> Any:
         out = state._asdict()
         for name, key in _FIELDS[type(state)].items():
             if not _absent(out[name]):
-                out[name] = ts.tree(key, out[name], f"{type(state).__name__}.{name} at {where}")
+                out[name] = ts.tree(
+                    key, out[name], f"{type(state).__name__}.{name} at {where}", _HELD.get(type(state), {}).get(name)
+                )
         if "count" in out:
             out["count"] = _count_like(state.count, ts.step)
         if isinstance(state, ScaleByNadamState):
@@ -127,6 +149,17 @@ def _fill(state: Any, ts: _TorchState, where: str) -> Any:
             if len(products) != 1:
                 raise FuncoptError("the torch NAdam parameters have different mu_product values; funcopt keeps one.")
             out["mu_product"] = torch.full_like(state.mu_product, products.pop())
+        if isinstance(state, ScaleByAsgdState):
+            for key in ("eta", "mu"):
+                if any(key not in ts.by_path[p] for p in ts.paths):
+                    raise FuncoptError(f"torch state lacks ASGD's {key!r} for some parameter (a different optimizer?).")
+                values = {float(ts.by_path[p][key]) for p in ts.paths}
+                if len(values) != 1:
+                    raise FuncoptError(
+                        f"the torch ASGD parameters have different {key} values {sorted(values)}; funcopt keeps "
+                        "one (all parameters step together): train until every parameter has stepped equally."
+                    )
+                out[key] = torch.full_like(getattr(state, key), values.pop())
         return type(state)(**out)
     raise FuncoptError(
         f"the funcopt state at {where} is a {type(state).__name__}, which has no torch.optim counterpart. "
@@ -241,6 +274,9 @@ def to_torch(
             raise FuncoptError(f"the funcopt state holds a {type(b).__name__}, which has no torch.optim counterpart.")
     scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     per: dict[str, dict[str, Any]] = {p: {} for p in paths}
+    param_list: list[tuple[str, torch.Tensor]] = []
+    _walk(params, "", param_list)
+    param_leaves = dict(param_list)
     started = count > 0 or name in ("adagrad", "rmsprop")
     if started:
         for b in blocks:
@@ -253,15 +289,23 @@ def to_torch(
                 values = dict(leaves)
                 if set(values) != set(paths):
                     raise FuncoptError(f"{type(b).__name__}.{field} does not have the leaves of params ({sorted(values)[:3]}...).")
+                held = _HELD.get(type(b), {}).get(field)
                 for p in paths:
-                    per[p][key] = values[p].detach().clone()
+                    if held is None or held(param_leaves[p]):
+                        per[p][key] = values[p].detach().clone()
             if isinstance(b, ScaleByNadamState):
                 for p in paths:
                     per[p]["mu_product"] = b.mu_product.detach().to("cpu", scalar).clone()
+            if isinstance(b, ScaleByAsgdState):  # one eta and mu, copied into each parameter's state
+                for p in paths:
+                    per[p]["eta"] = b.eta.detach().to("cpu", scalar).clone()
+                    per[p]["mu"] = b.mu.detach().to("cpu", scalar).clone()
         if name == "sgd":
             for p in paths:
                 if count == 0:
                     per[p].pop("momentum_buffer", None)
+        elif name == "muon":
+            pass  # torch.optim.Muon keeps no step
         else:
             for p in paths:
                 # SparseAdam keeps a Python int; the others a 0-dim tensor

@@ -7,12 +7,15 @@ parameters after any number of steps equal torch's to float tolerance (see
 chain (:func:`funcopt.fast.declare`); :data:`FAST_PATH_OPTIMIZERS` lists them.
 """
 
+from funcopt.optimizers._adafactor import adafactor
 from funcopt.optimizers._adam import adam, adamax, adamw, lamb, nadam, radam
 from funcopt.optimizers._adaptive import adagrad, lion, rmsprop
+from funcopt.optimizers._classic import adadelta, asgd, rprop
+from funcopt.optimizers._muon import muon, muon_with_adamw
 from funcopt.optimizers._sgd import sgd
 from funcopt.optimizers._sparse_adam import sparse_adam
 
-__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "sparse_adam", "FAST_PATH_OPTIMIZERS"]
+__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "FAST_PATH_OPTIMIZERS"]
 
 FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
 """Names of the optimizers with a declared fast route."""

@@ -6,7 +6,9 @@ block works with hyperparameters given as Python numbers or as 0-dim tensors (th
 ``inject_hyperparams`` passes, possibly batched under ``vmap``). Ranges are validated only for
 Python numbers, at construction time.
 
-The package is split by concept: adaptive scalings such as Adam (``_adaptive``); scaling,
+The package is split by concept: adaptive scalings such as Adam (``_adaptive``); Adafactor's
+factored second moments and relative step size (``_factored``); Adadelta, Rprop and ASGD
+(``_torch_extra``); Muon's orthogonalized direction and step (``_orthogonal``); scaling,
 learning rates, momentum, weight decay, trust ratio and clipping (``_scale``); wrappers around
 other transformations that route leaves (``_masking``: ``masked``, ``freeze``,
 ``multi_transform``, with the mask and label resolution in ``_labels``) or decide when to update
@@ -33,6 +35,7 @@ from funcopt.transforms._adaptive import (
     scale_by_rss,
 )
 from funcopt.transforms._conditional import AccumulateState, ApplyIfFiniteState, accumulate, apply_if_finite
+from funcopt.transforms._factored import ScaleByAdafactorState, scale_by_factored_rms, scale_by_relative_step_size
 from funcopt.transforms._common import (
     check_beta,
     check_learning_rate,
@@ -57,6 +60,22 @@ from funcopt.transforms._masking import (
     set_to_zero,
 )
 from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
+from funcopt.transforms._orthogonal import (
+    MUON_NS_COEFFICIENTS,
+    ScaleByMuonState,
+    is_hidden_matrix,
+    scale_by_muon,
+    scale_by_muon_learning_rate,
+)
+from funcopt.transforms._torch_extra import (
+    ScaleByAdadeltaState,
+    ScaleByAsgdState,
+    ScaleByRpropState,
+    asgd_averaged_params,
+    scale_by_adadelta,
+    scale_by_asgd,
+    scale_by_rprop,
+)
 from funcopt.transforms._sparse import scale_by_sparse_adam
 from funcopt.transforms._scale import (
     ScaleByScheduleState,
@@ -78,6 +97,7 @@ __all__ = [
     "ScaleByLionState",
     "ScaleByRmsState",
     "ScaleByRssState",
+    "ScaleByAdafactorState",
     "ScaleByScheduleState",
     "TraceState",
     "scale",
@@ -90,6 +110,8 @@ __all__ = [
     "scale_by_lion",
     "scale_by_rms",
     "scale_by_rss",
+    "scale_by_factored_rms",
+    "scale_by_relative_step_size",
     "scale_by_trust_ratio",
     "scale_by_sparse_adam",
     "trace",
@@ -114,6 +136,20 @@ __all__ = [
     "injected_states",
     "ReduceOnPlateauState",
     "reduce_on_plateau",
+    # Muon (orthogonalized updates)
+    "ScaleByMuonState",
+    "scale_by_muon",
+    "scale_by_muon_learning_rate",
+    "is_hidden_matrix",
+    "MUON_NS_COEFFICIENTS",
+    # Adadelta, Rprop, ASGD (torch.optim's)
+    "ScaleByAdadeltaState",
+    "ScaleByRpropState",
+    "ScaleByAsgdState",
+    "scale_by_adadelta",
+    "scale_by_rprop",
+    "scale_by_asgd",
+    "asgd_averaged_params",
     # helpers for writing transformations
     "check_beta",
     "check_learning_rate",

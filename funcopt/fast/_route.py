@@ -61,6 +61,11 @@ class FastRoute(NamedTuple):
             the dispatcher hands it copies (torch's ``_fused_*`` kernels).
         needs_first_step: the kernel reads ``call.first`` (momentum starts at the first
             step); it is read from the step count, which on CUDA waits for the device.
+        copies_for_pure_step: the pure training step (``apply_gradients(donate=False)``)
+            runs the kernel in place on fresh copies of the params and state, rather than a
+            pure update plus one multi-tensor add; always so with ``writes_state``. Which is
+            faster depends on how many fresh tensors the kernel's pure mode allocates: measure
+            with ``benchmarks/bench_step.py`` / ``bench_catalog.py``.
         family: the kernel family backends may provide (default: the factory's name).
         scalars: 0-dim tensor state fields the kernel reads and replaces, by field name
             (``call.scalars``; e.g. ASGD's ``eta`` and ``mu``); backends do not take such routes.
@@ -76,6 +81,7 @@ class FastRoute(NamedTuple):
     unsupported: tuple[str, ...] = ()
     writes_state: bool = False
     needs_first_step: bool = False
+    copies_for_pure_step: bool = False
     family: str | None = None
     scalars: tuple[str, ...] = ()
 
@@ -276,10 +282,13 @@ class FastPath:
         state), or None where the fast route does not apply.
 
         A backend that takes the step (the native CPU kernels: one pass, 28 bytes per element
-        for Adam) writes the new params and state into fresh tensors; otherwise the
-        declaration's kernel runs in place on fresh copies of the params and the state, so the
-        new params come straight out of the kernel (no zeroed update buffer, no separate
-        addition). Nothing passed in is written.
+        for Adam) writes the new params and state into fresh tensors. Otherwise a kernel that
+        writes its state in place anyway (``writes_state``: torch's ``_fused_*``) runs in place
+        on fresh copies of the params and the state, so the new params come straight out of
+        the kernel (no zeroed update buffer, no separate addition), and so does one that asks
+        for it (``copies_for_pure_step``); any other kernel computes fresh updates in its pure
+        mode, added to the params with one multi-tensor add, which moves fewer bytes than
+        copying every buffer first. Nothing passed in is written.
         """
         if not self.usable():
             return None
@@ -287,6 +296,9 @@ class FastPath:
         if type(plan) is not Plan:
             return None
         result = self.run_backend(plan, state, write_params=True)
+        if result is None and not (self.route.writes_state or self.route.copies_for_pure_step):
+            updates, new_state = self.run(plan, state, donate=False)
+            result = torch._foreach_add(plan.p, updates), new_state
         if result is None:
             copies = plan._replace(
                 p=[x.clone() for x in plan.p],

@@ -64,7 +64,7 @@ def _rmsprop_kernel(call: KernelCall) -> list[torch.Tensor]:
             buf = torch._foreach_mul(buf, h["momentum"])
             torch._foreach_add_(buf, direction)
         bufs["momentum_buffer"] = direction = buf
-    return finish(call, direction)
+    return finish(call, direction, owned=buf is None)
 
 
 def _adagrad_kernel(call: KernelCall) -> list[torch.Tensor]:
@@ -93,7 +93,7 @@ def _lion_kernel(call: KernelCall) -> list[torch.Tensor]:
         call.bufs["mu"] = torch._foreach_lerp(mu, g, 1 - h["b2"])
     if h["weight_decay"]:
         torch._foreach_add_(direction, p, alpha=h["weight_decay"])
-    return finish(call, direction)
+    return finish(call, direction, owned=True)
 
 
 def _adagrad_learning_rate(learning_rate: ScalarOrSchedule, lr_decay: Any) -> ScalarOrSchedule:
@@ -118,6 +118,7 @@ def _adagrad_learning_rate(learning_rate: ScalarOrSchedule, lr_decay: Any) -> Sc
         flags=("centered", "maximize"),
         buffers=("nu", "mu", "momentum_buffer"),
         needs_first_step=True,
+        copies_for_pure_step=True,  # as in 0.1.0 (not measured the other way)
     )
 )
 def rmsprop(
@@ -181,6 +182,7 @@ def adagrad(
         hyperparams=("b1", "b2", "weight_decay"),
         buffers=("mu",),
         unsupported=("mask",),
+        copies_for_pure_step=True,  # as in 0.1.0 (not measured the other way)
     )
 )
 def lion(

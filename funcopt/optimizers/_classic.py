@@ -41,7 +41,7 @@ def _adadelta_kernel(call: KernelCall) -> list[torch.Tensor]:
     else:
         acc_delta = bufs["acc_delta"] = torch._foreach_mul(acc_delta, rho)
     torch._foreach_addcmul_(acc_delta, delta, delta, value=1 - rho)
-    return finish(call, delta)
+    return finish(call, delta, owned=True)
 
 
 def _rprop_kernel(call: KernelCall) -> list[torch.Tensor]:
@@ -200,6 +200,7 @@ def rprop(
         flags=("maximize",),
         buffers=("ax",),
         scalars=("eta", "mu"),
+        copies_for_pure_step=True,  # measured on S1 (fastest rounds): 1.25x foreach on copies, 1.53x as update + add
         constants={"reads_params": True},
         needs_params=("reads_params",),
     )

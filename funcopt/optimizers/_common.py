@@ -46,9 +46,16 @@ def signed_grads(h: dict[str, Any], p: list[torch.Tensor] | None, g: list[torch.
     return torch._foreach_neg(g) if maximize else g
 
 
-def finish(call: Any, direction: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The step ``-lr * direction``: added into the params in place, or as fresh updates."""
+def finish(call: Any, direction: list[torch.Tensor], owned: bool = False) -> list[torch.Tensor]:
+    """The step ``-lr * direction``: added into the params in place, or as fresh updates.
+
+    ``owned``: ``direction`` is the kernel's own scratch (nothing else holds it), so a pure
+    step scales it in place instead of allocating the updates anew.
+    """
     if call.in_place:
         torch._foreach_add_(call.p, direction, alpha=-call.lr)
         return call.p
+    if owned:
+        torch._foreach_mul_(direction, -call.lr)
+        return direction
     return torch._foreach_mul(direction, -call.lr)

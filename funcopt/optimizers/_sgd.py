@@ -47,6 +47,7 @@ def _sgd_kernel(call: KernelCall) -> list[torch.Tensor]:
         flags=("nesterov", "maximize"),
         buffers=("momentum_buffer",),
         needs_first_step=True,
+        copies_for_pure_step=True,  # measured: 2.35x torch fused on copies, 2.65x as update + add (S1)
     )
 )
 def sgd(

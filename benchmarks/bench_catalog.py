@@ -27,12 +27,13 @@ import time
 from typing import Callable
 
 import torch
+from bench_step import resnet18_shapes  # the same ResNet-18 shapes (this folder is on sys.path)
 
 import funcopt
 from funcopt import apply_gradients
 
 SHAPES = {
-    "S1": None,  # filled from bench_step's ResNet-18 list below
+    "S1": resnet18_shapes(),
     "S3": [(1024, 4), (1024,), (1024, 1024), (1024,), (3, 1024), (3,)],
 }
 
@@ -44,23 +45,6 @@ OPTIMIZERS: dict[str, tuple[type, dict, Callable[..., funcopt.GradientTransforma
     "adafactor": (torch.optim.Adafactor, dict(lr=1e-2), funcopt.adafactor, dict(learning_rate=1e-2), True),
     "muon": (torch.optim.Muon, dict(lr=2e-2), funcopt.muon, dict(learning_rate=2e-2), False),
 }
-
-
-def resnet18_shapes() -> list[tuple[int, ...]]:
-    """The 62 parameter shapes of torchvision's ResNet-18 (as in bench_step.py)."""
-    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
-    in_ch = 64
-    for out_ch, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        for block in range(2):
-            first_in = in_ch if block == 0 else out_ch
-            shapes += [(out_ch, first_in, 3, 3), (out_ch,), (out_ch,), (out_ch, out_ch, 3, 3), (out_ch,), (out_ch,)]
-            if block == 0 and (stride != 1 or in_ch != out_ch):
-                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
-        in_ch = out_ch
-    return shapes + [(1000, 512), (1000,)]
-
-
-SHAPES["S1"] = resnet18_shapes()
 
 
 class Row:

@@ -173,6 +173,12 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     trees in one pass with streaming stores, bitwise the same sums); elsewhere (under
     ``torch.func`` transforms and ``torch.compile``, or for mixed leaves) leaf by leaf.
     """
+    if isinstance(params, torch.nn.Module):
+        raise FuncoptError(
+            f"apply_updates got a {type(params).__name__} module as params. funcopt works on pytrees of "
+            "tensors: use `params, buffers = funcopt.nn.extract(model)` (and funcopt.nn.load to put "
+            "them back), or funcopt.as_torch_optimizer for code built around module parameters."
+        )
     p, spec = optree.tree_flatten(params, none_is_leaf=False)
     u, u_spec = optree.tree_flatten(updates, none_is_leaf=False)
     if u_spec != spec:
@@ -184,12 +190,31 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
                 return optree.tree_unflatten(spec, added)
         if len(p) > 1:
             return optree.tree_unflatten(spec, torch._foreach_add(p, u))
+    for i, (a, b) in enumerate(zip(p, u)):  # the checks the multi-tensor route implies
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or not (a.is_floating_point() or a.is_complex()):
+                _raise_bad_leaf(params, i, a, b)
 
     def _apply(p, u):
         out = p + u
         return out if out.dtype == p.dtype else out.to(p.dtype)
 
     return optree.tree_unflatten(spec, [_apply(a, b) for a, b in zip(p, u)])
+
+
+def _raise_bad_leaf(params: PyTree, index: int, a: torch.Tensor, b: torch.Tensor) -> None:
+    path = _tree.paths(params)[index]
+    if a.shape != b.shape:
+        raise FuncoptError(
+            f"apply_updates: the update at {path} has shape {tuple(b.shape)} but the parameter has "
+            f"{tuple(a.shape)}. funcopt never broadcasts an update: were the gradients computed "
+            "for these params (same model, same batch dimension reduced)?"
+        )
+    raise FuncoptError(
+        f"apply_updates: the parameter at {path} has dtype {a.dtype}; only floating-point (or "
+        "complex) tensors can be optimized (adding a float update would silently truncate). Cast "
+        "it with .float(), or keep it out of the optimizer (a buffer, or funcopt.freeze)."
+    )
 
 
 _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))

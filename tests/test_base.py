@@ -143,3 +143,31 @@ def test_transforms_package_exports_the_helpers_for_writing_blocks_and_state_typ
     assert len(states) >= 8
     for cls in states:
         assert list(typing.get_type_hints(cls)) == list(cls._fields)
+
+
+def test_apply_updates_never_broadcasts_and_names_the_leaf():
+    params = {"enc": {"w": torch.zeros(1, 3)}, "b": torch.zeros(3)}
+    updates = {"enc": {"w": torch.ones(4, 3)}, "b": torch.ones(3)}
+    with pytest.raises(funcopt.FuncoptError, match=r"update at \['enc'\]\['w'\] has shape \(4, 3\) but the parameter has \(1, 3\)"):
+        funcopt.apply_updates(params, updates)
+    with pytest.raises(funcopt.FuncoptError, match=r"update at \['enc'\]\['w'\] has shape \(1, 3\)"):
+        funcopt.apply_updates(updates, params)
+
+
+def test_apply_updates_refuses_integer_and_bool_params():
+    for dtype in (torch.int64, torch.bool):
+        params = {"n": torch.zeros(6, dtype=dtype), "w": torch.zeros(2)}
+        with pytest.raises(funcopt.FuncoptError, match=rf"parameter at \['n'\] has dtype {dtype}.*truncate"):
+            funcopt.apply_updates(params, {"n": torch.full((6,), 0.4), "w": torch.ones(2)})
+
+
+def test_apply_updates_on_a_module_points_to_nn_extract():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(funcopt.FuncoptError, match=r"funcopt.nn.extract\(model\)"):
+        funcopt.apply_updates(model, {})
+
+
+def test_apply_updates_still_adds_mixed_dtypes_and_complex_leaf_by_leaf():
+    params = {"a": torch.zeros(2, dtype=torch.float32), "b": torch.zeros(2, dtype=torch.complex64)}
+    out = funcopt.apply_updates(params, {"a": torch.ones(2, dtype=torch.float64), "b": torch.ones(2, dtype=torch.complex64)})
+    assert out["a"].dtype == torch.float32 and torch.equal(out["b"], torch.ones(2, dtype=torch.complex64))

@@ -129,36 +129,33 @@ def _state_dict(optimizer: Any) -> dict[str, Any]:
     return sd  # type: ignore[return-value]
 
 
+# A param group's keys that tell which torch.optim class wrote a state_dict, checked in order.
+_SIGNATURES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("history_size",), "lbfgs"),
+    (("ns_coefficients",), "muon"),
+    (("dampening",), "sgd"),
+    (("centered",), "rmsprop"),
+    (("lr_decay",), "adagrad"),
+    (("momentum_decay",), "nadam"),
+    (("beta2_decay",), "adafactor"),
+    (("rho",), "adadelta"),
+    (("etas", "step_sizes"), "rprop"),
+    (("lambd", "t0"), "asgd"),
+    (("betas", "amsgrad"), "adam"),
+)
+
+
 def _kind(optimizer: Any, sd: Mapping[str, Any], kind: str | None) -> str:
     if kind is None and isinstance(optimizer, torch.optim.Optimizer):
         kind = type(optimizer).__name__
     if kind is None:
         g = sd["param_groups"][0] if sd["param_groups"] else {}
-        if "history_size" in g:
-            kind = "lbfgs"
-        elif "ns_coefficients" in g:
-            kind = "muon"
-        elif "dampening" in g:
-            kind = "sgd"
-        elif "centered" in g:
-            kind = "rmsprop"
-        elif "lr_decay" in g:
-            kind = "adagrad"
-        elif "momentum_decay" in g:
-            kind = "nadam"
-        elif "beta2_decay" in g:
-            kind = "adafactor"
-        elif "rho" in g:
-            kind = "adadelta"
-        elif "etas" in g and "step_sizes" in g:
-            kind = "rprop"
-        elif "lambd" in g and "t0" in g:
-            kind = "asgd"
-        elif "betas" in g and "amsgrad" in g:
-            kind = "adamw" if g.get("decoupled_weight_decay") else "adam"
-        elif "betas" in g and "weight_decay" not in g:
+        kind = next((name for keys, name in _SIGNATURES if all(k in g for k in keys)), None)
+        if kind == "adam" and g.get("decoupled_weight_decay"):
+            kind = "adamw"
+        elif kind is None and "betas" in g and "weight_decay" not in g:
             kind = "sparseadam"
-        else:
+        if kind is None:
             raise FuncoptError("cannot tell which torch.optim optimizer wrote this state_dict; pass kind='adam' (etc.).")
     kind = kind.lower()
     if kind not in SUPPORTED:

@@ -314,6 +314,16 @@ def test_example_runs_under_torchrun(tmp_path):
            "--master-port", str(_free_port()), str(root / "examples" / "distributed_train.py"),
            "--fast", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    if (
+        proc.returncode != 0
+        and "terminate called without an active exception" in proc.stderr
+        and "restored in 1 process" in proc.stdout
+    ):
+        # Seen once in several loaded full-suite runs: after training, saving, destroying the process
+        # group and printing everything, a rank aborted in C++ thread teardown at interpreter
+        # exit. That is torch's exit path, not this example's; run it once more.
+        cmd[cmd.index("--master-port") + 1] = str(_free_port())
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ranks 2" in proc.stdout
     assert "restored in 1 process a checkpoint saved by 2 rank(s)" in proc.stdout

@@ -68,6 +68,16 @@ class Row:
     # A function tx -> tx that routes the leaves the factory does not take to another optimizer
     # (muon: the non-2-D leaves of the batteries' params, frozen; see tests/muon_reference.py).
     route: Callable[[funcopt.GradientTransformation], funcopt.GradientTransformation] | None = None
+    # Where optax has the algorithm: its name under optax ("adabelief", "contrib.prodigy") and
+    # its arguments (optax names); tests/test_optax_parity.py runs both for 50 float64 steps.
+    optax_name: str | None = None
+    optax_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # Extra keyword arguments both updates take each step, computed from the objective:
+    # "value" (the loss at the current params, for polyak_sgd and momo).
+    update_extras: tuple[str, ...] = ()
+    # Relative tolerance of the optax trajectory comparison, where the math cannot match to
+    # 1e-9 (say why next to the row).
+    optax_rtol: float = 1e-9
 
     def make(self) -> funcopt.GradientTransformation:
         tx = self.factory(**self.kwargs)
@@ -77,6 +87,11 @@ class Row:
     def torch(self) -> bool:
         """torch.optim has this configuration (parity tests)."""
         return self.torch_class is not None
+
+    @property
+    def optax(self) -> bool:
+        """optax has this configuration (tests/test_optax_parity.py)."""
+        return self.optax_name is not None
 
     @property
     def fast(self) -> bool:
@@ -132,7 +147,11 @@ ROWS: dict[str, Row] = _rows(
         funcopt.sgd, dict(learning_rate=0.1, weight_decay=0.1, maximize=True),
         SGD, dict(lr=0.1, weight_decay=0.1, maximize=True),
     ),
-    Row("sgd_momentum", funcopt.sgd, dict(learning_rate=0.1, momentum=0.9), SGD, dict(lr=0.1, momentum=0.9)),
+    Row(
+        "sgd_momentum",
+        funcopt.sgd, dict(learning_rate=0.1, momentum=0.9), SGD, dict(lr=0.1, momentum=0.9),
+        optax_name="sgd", optax_kwargs=dict(learning_rate=0.1, momentum=0.9),
+    ),
     Row(
         "sgd_momentum_dampening_l2",
         funcopt.sgd, dict(learning_rate=0.05, momentum=0.9, dampening=0.3, weight_decay=0.01),
@@ -148,7 +167,10 @@ ROWS: dict[str, Row] = _rows(
         funcopt.sgd, dict(learning_rate=schedules.warmup_cosine_decay(0.0, 0.1, 3, 100), momentum=0.9),
     ),
     # --- Adam, AdamW (weight_decay: L2 in adam, decoupled in adamw)
-    Row("adam", funcopt.adam, dict(learning_rate=1e-2), Adam, dict(lr=1e-2)),
+    Row(
+        "adam", funcopt.adam, dict(learning_rate=1e-2), Adam, dict(lr=1e-2),
+        optax_name="adam", optax_kwargs=dict(learning_rate=1e-2),
+    ),
     Row(
         "adam_l2_maximize",
         funcopt.adam, dict(learning_rate=1e-2, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.1, maximize=True),
@@ -166,7 +188,10 @@ ROWS: dict[str, Row] = _rows(
     ),
     Row("adam_schedule", funcopt.adam, dict(learning_rate=_inverse_time)),
     Row("adam_tensor_lr", funcopt.adam, dict(learning_rate=torch.tensor(1e-2, dtype=torch.float64))),
-    Row("adamw", funcopt.adamw, dict(learning_rate=1e-2), AdamW, dict(lr=1e-2)),
+    Row(
+        "adamw", funcopt.adamw, dict(learning_rate=1e-2), AdamW, dict(lr=1e-2),
+        optax_name="adamw", optax_kwargs=dict(learning_rate=1e-2, weight_decay=1e-2),
+    ),
     Row(
         "adamw_amsgrad_maximize",
         funcopt.adamw, dict(learning_rate=1e-2, weight_decay=0.1, amsgrad=True, maximize=True),

@@ -19,3 +19,12 @@ __all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagr
 
 FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
 """Names of the optimizers with a declared fast route."""
+
+# Last, after every factory is imported: torch.optim's argument names (lr=, betas=) get an error
+# naming funcopt's (learning_rate=, b1=, b2=) instead of a bare TypeError.
+from funcopt.optimizers._common import with_torch_name_hints as _with_torch_name_hints  # noqa: E402
+
+for _name in __all__:
+    if callable(globals()[_name]):
+        globals()[_name] = _with_torch_name_hints(globals()[_name])
+del _name

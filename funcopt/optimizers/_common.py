@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable
 
 import torch
 
-from funcopt.base import GradientTransformation, PyTree, chain
+from funcopt.base import FuncoptError, GradientTransformation, PyTree, chain
 from funcopt.transforms import add_decayed_weights, is_python_zero, scale
 
 __all__: list[str] = []
@@ -59,3 +61,79 @@ def finish(call: Any, direction: list[torch.Tensor], owned: bool = False) -> lis
         torch._foreach_mul_(direction, -call.lr)
         return direction
     return torch._foreach_mul(direction, -call.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.optim's argument names, answered with funcopt's
+
+
+class TorchArgumentNameError(FuncoptError, TypeError):
+    """An optimizer factory got an argument it does not have (e.g. torch.optim's ``lr``).
+
+    A ``TypeError`` as Python raises for any unexpected keyword, and a ``FuncoptError`` whose
+    message names funcopt's equivalent (``learning_rate``; ``b1, b2`` for ``betas``).
+    """
+
+
+# torch.optim's constructor name -> (funcopt's names, how to write it)
+_TORCH_EQUIVALENTS = {
+    "lr": (("learning_rate",), "learning_rate={v}"),
+    "betas": (("b1", "b2"), "b1={v}[0], b2={v}[1]"),
+    "history_size": (("memory_size",), "memory_size={v}"),
+}
+_SWITCHES = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _unknown_argument(name: str, accepted: tuple[str, ...], given: dict[str, Any]) -> TorchArgumentNameError:
+    hints = []
+    for key in given:
+        if key in accepted:
+            continue
+        equivalent = _TORCH_EQUIVALENTS.get(key)
+        if equivalent is not None and all(n in accepted for n in equivalent[0]):
+            written = equivalent[1].replace("{v}[0]", _item(given[key], 0)).replace("{v}[1]", _item(given[key], 1))
+            written = written.replace("{v}", repr(given[key]))
+            hints.append(f"{key!r} is torch.optim's name; funcopt writes {name}({written})")
+        elif key in _SWITCHES:
+            hints.append(
+                f"{key!r} is a torch.optim implementation switch; funcopt picks its multi-tensor fast route "
+                "itself (funcopt.fast.explain says which runs), and funcopt.as_torch_optimizer accepts the switch"
+            )
+        else:
+            hints.append(f"{key!r} is not an argument of {name}")
+    return TorchArgumentNameError(
+        f"{name}() got unexpected keyword argument(s) {sorted(k for k in given if k not in accepted)}: "
+        f"{'; '.join(hints)}. Its arguments are ({', '.join(accepted)})."
+    )
+
+
+def _item(value: Any, i: int) -> str:
+    try:
+        return repr(value[i])
+    except (TypeError, IndexError, KeyError):
+        return f"{value!r}[{i}]"
+
+
+def with_torch_name_hints(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """``factory`` answering torch.optim's argument names (``lr=``, ``betas=``) with funcopt's.
+
+    The wrapper keeps the factory's name, docstring, signature (``inspect.signature`` follows
+    ``__wrapped__``) and attributes (``fast_route``); a call with keyword arguments the factory
+    has raises :class:`TorchArgumentNameError` naming the funcopt equivalent, every other call
+    goes through unchanged. Factories taking ``**kwargs`` are returned as they are.
+    """
+    parameters = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()) or hasattr(factory, "__wrapped_torch_names__"):
+        return factory
+    accepted = tuple(parameters)
+    names = frozenset(accepted)
+    name = getattr(factory, "__name__", "optimizer")
+
+    @functools.wraps(factory)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs and not names.issuperset(kwargs):
+            raise _unknown_argument(name, accepted, kwargs)
+        return factory(*args, **kwargs)
+
+    wrapper.__wrapped_torch_names__ = True  # type: ignore[attr-defined]
+    return wrapper

@@ -88,3 +88,14 @@ def test_page_runs(page, tmp_path, monkeypatch):
             exec(compile(b.code, f"{_id(page)}:{b.line}", "exec"), namespace)
         except Exception as err:
             raise AssertionError(f"{_id(page)}, the block at line {b.line} failed: {err!r}") from err
+
+
+def test_the_catalog_table_lists_every_optimizer_and_its_fast_route():
+    from tests import catalog_table
+
+    documented = catalog_table.documented_rows(catalog_table.DOC.read_text())
+    expected = {n: "yes" if catalog_table.has_fast_route(n) else "no" for n in catalog_table.optimizer_names()}
+    missing = sorted(set(expected) - set(documented))
+    assert not missing, f"docs/optimizers.md lacks {missing}: run `python -m tests.catalog_table --write`"
+    wrong = {n: documented[n] for n in expected if documented[n] != expected[n]}
+    assert not wrong, f"the fast-route column is wrong for {wrong}: run `python -m tests.catalog_table --write`"

@@ -126,6 +126,8 @@ from funcopt.transforms import MaskedState as MaskedState
 from funcopt.transforms import multi_transform as multi_transform
 from funcopt.transforms import MultiTransformState as MultiTransformState
 from funcopt.transforms import set_to_zero as set_to_zero
+from funcopt.transforms import add_noise as add_noise
+from funcopt.transforms import AddNoiseState as AddNoiseState
 
 if hasattr(fast, "native"):  # the optional native backend
     native = fast.native

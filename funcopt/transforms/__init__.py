@@ -60,6 +60,7 @@ from funcopt.transforms._masking import (
     set_to_zero,
 )
 from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
+from funcopt.transforms._noise import AddNoiseState, add_noise
 from funcopt.transforms._orthogonal import (
     MUON_NS_COEFFICIENTS,
     ScaleByMuonState,
@@ -150,6 +151,9 @@ __all__ = [
     "scale_by_rprop",
     "scale_by_asgd",
     "asgd_averaged_params",
+    # catalog C: noise
+    "AddNoiseState",
+    "add_noise",
     # helpers for writing transformations
     "check_beta",
     "check_learning_rate",

@@ -4,7 +4,8 @@ One fresh interpreter (the "server") imports torch once and forks a writer per t
 trials take about a second. Each writer saves in a loop and acknowledges every completed save
 through a pipe; the server kills it at a random moment with SIGKILL and then checks that the
 file at the checkpoint path loads, is internally consistent and is at least as new as the last
-acknowledged save. The same is done for CheckpointManager directories.
+acknowledged save, and that the next save into the directory leaves no stray temporary file.
+The same is done for CheckpointManager directories.
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ _SERVER = textwrap.dedent(
             return last, latest, bool(mgr.all_steps()), False
         got = check(ck.load(path), "save")
         assert got >= last, (got, last)
-        temps = glob.glob(os.path.join(directory, ".c.safetensors.tmp-*"))
-        for t in temps:
-            os.remove(t)
+        temps = glob.glob(os.path.join(directory, ".c.safetensors.funcopt-tmp-*"))
+        # the next save into the directory removes the killed writer's temporary file
+        ck.save(os.path.join(directory, "other.safetensors"), tree(0))
+        left = [n for n in os.listdir(directory) if n.startswith(".")]
+        assert not left, left
         return last, got, True, bool(temps)
 
     mid_write = 0

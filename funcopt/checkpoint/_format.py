@@ -1,17 +1,13 @@
 """The on-disk format of funcopt checkpoints: dtype tables, header writing, the validating reader.
 
 Used by :mod:`funcopt.checkpoint`; users normally need only :class:`CheckpointError` and the
-:class:`CheckpointInfo` that ``funcopt.checkpoint.inspect`` returns. The reader trusts nothing in
-the file: every length, offset, dtype and shape is validated before use, the header carries a
-CRC-32 of itself and one per tensor, and a file that is a pickle or a ``torch.save`` archive is
-recognised from its first bytes and rejected without being parsed.
+:class:`CheckpointInfo` that ``funcopt.checkpoint.inspect`` returns. The header carries a CRC-32
+of itself and one per tensor; the validating reader is :mod:`funcopt.checkpoint._reader`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,11 +16,7 @@ import torch
 
 from funcopt.base import FuncoptError
 
-__all__ = ["CheckpointError", "CheckpointInfo", "LeafInfo", "Reader", "child_path", "dtype_name", "dtype_from_name"]
-
-MAX_HEADER = 100 * 1024 * 1024
-"""Largest header accepted (safetensors' own limit)."""
-
+__all__ = ["CheckpointError", "CheckpointInfo", "LeafInfo", "child_path", "dtype_name", "dtype_from_name"]
 
 FORMAT = "funcopt.checkpoint"
 FORMAT_VERSION = 1
@@ -156,168 +148,6 @@ class CheckpointInfo:
                 lines.append(f"{leaf.path:<{width}}  {leaf.dtype:<10} = {leaf.value!r}")
         lines.append(f"total: {self.num_tensors} tensors, {_human(self.tensor_bytes)}")
         return "\n".join(lines)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-class Reader:
-    """Opens and validates a checkpoint file; reads single tensors by key on demand."""
-
-    def __init__(self, file: str, *, verify: bool = True) -> None:
-        self.file = file
-        self.verify = verify
-        try:
-            self._f = open(file, "rb")
-        except FileNotFoundError:
-            raise CheckpointError(f"no checkpoint at {file}: the file does not exist.", file) from None
-        except IsADirectoryError:
-            raise CheckpointError(
-                f"{file} is a directory, not a checkpoint file (for a CheckpointManager directory "
-                "use CheckpointManager(directory).restore()).", file) from None
-        except OSError as e:
-            raise CheckpointError(f"cannot open {file}: {e}", file) from None
-        try:
-            self._parse()
-        except BaseException:
-            self._f.close()
-            raise
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._f.close()
-
-    def _fail(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.file}: {what}", self.file)
-
-    def _parse(self) -> None:
-        self.file_size = os.fstat(self._f.fileno()).st_size
-        head = self._f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        first = self._f.read(1) if 0 < n <= min(MAX_HEADER, self.file_size - 8) else b""
-        if first != b"{":
-            if head[:4] == b"PK\x03\x04":
-                raise self._fail(
-                    "this is a zip archive (what torch.save writes), not a funcopt/safetensors checkpoint. "
-                    "funcopt never unpickles; load it with torch.load(weights_only=True) in a trusted "
-                    "environment and re-save it with funcopt.checkpoint.save.")
-            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-                raise self._fail(
-                    "this is a pickle file, not a funcopt/safetensors checkpoint; it was not unpickled "
-                    "(unpickling can run arbitrary code). Re-save trusted data with funcopt.checkpoint.save.")
-        if len(head) < 8:
-            raise self._fail(f"file is truncated or empty ({self.file_size} bytes; a checkpoint has at least 8).")
-        if n > MAX_HEADER or n > self.file_size - 8:
-            hint = " It looks like a protocol-0/1 pickle, which is never unpickled." if head[:1] in b"(c]}" else ""
-            raise self._fail(
-                f"the header length field says {n} bytes but the file has {self.file_size} bytes: the file "
-                f"is truncated, corrupted, or not a safetensors checkpoint.{hint}")
-        self._f.seek(8)
-        raw = self._f.read(n)
-        if not raw.lstrip(b" ").startswith(b"{"):
-            raise self._fail("the header does not start with '{': not a safetensors/funcopt checkpoint (wrong header).")
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._fail(f"the header is not valid JSON ({e}): the file is corrupted.") from None
-        if not isinstance(header, dict):
-            raise self._fail("the header is not a JSON object: not a safetensors checkpoint (wrong header).")
-        self.data_start = 8 + n
-        meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict):
-            raise self._fail("the header's __metadata__ is not a JSON object (wrong header).")
-        self.entries: dict[str, dict[str, Any]] = {}
-        end = 0
-        for key, e in header.items():
-            if (not isinstance(e, dict) or e.get("dtype") not in _BY_CODE or not isinstance(e.get("shape"), list)
-                    or not all(_is_int(s) and s >= 0 for s in e["shape"])
-                    or not isinstance(e.get("data_offsets"), list) or len(e["data_offsets"]) != 2
-                    or not all(_is_int(o) for o in e["data_offsets"])):
-                raise self._fail(f"malformed header entry for tensor {key!r} (wrong header or corruption).")
-            b, f = e["data_offsets"]
-            numel = 1
-            for s in e["shape"]:
-                numel *= s
-            if not 0 <= b <= f or f - b != numel * _BY_CODE[e["dtype"]].itemsize:
-                raise self._fail(f"header entry for tensor {key!r} has inconsistent offsets {e['data_offsets']} "
-                                 f"for shape {e['shape']} and dtype {e['dtype']}: the file is corrupted.")
-            self.entries[key] = e
-            end = max(end, f)
-        if self.data_start + end != self.file_size:
-            raise self._fail(
-                f"the header describes {end} bytes of tensor data but the file holds "
-                f"{self.file_size - self.data_start}: the file is truncated or has trailing bytes.")
-        self.doc: dict[str, Any] | None = None
-        if "funcopt" in meta:
-            self._check_header_crc(raw, meta)
-            try:
-                doc = json.loads(meta["funcopt"])
-            except (TypeError, json.JSONDecodeError):
-                raise self._fail("the funcopt metadata is not valid JSON: the header is corrupted.") from None
-            if not isinstance(doc, dict) or doc.get("format") != "funcopt.checkpoint":
-                raise self._fail("the funcopt metadata does not describe a funcopt checkpoint (wrong header).")
-            if not _is_int(doc.get("version")) or doc["version"] > 1:
-                raise self._fail(f"checkpoint format version {doc.get('version')!r} is newer than this funcopt "
-                                 "understands (1); upgrade funcopt.")
-            if not isinstance(doc.get("tree"), dict) or not isinstance(doc.get("tensors"), dict):
-                raise self._fail("the funcopt metadata lacks its tree or tensor table: the header is corrupted.")
-            self.doc = doc
-            self.tree = doc["tree"]
-            self.records = doc["tensors"]
-        else:
-            keys = sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
-            self.tree = {"t": "dict", "k": keys, "c": [{"t": "tensor", "key": k} for k in keys]}
-            self.records = {
-                k: {"dtype": dtype_name(_BY_CODE[e["dtype"]]), "shape": e["shape"]} for k, e in self.entries.items()
-            }
-
-    def _check_header_crc(self, raw: bytes, meta: dict[str, Any]) -> None:
-        crc = meta.get("funcopt.crc32")
-        pattern = re.compile(rb'"funcopt\.crc32":"([0-9a-f]{8})"')
-        found = pattern.findall(raw)
-        if not isinstance(crc, str) or len(found) != 1:
-            raise self._fail("the header checksum is missing or malformed: the header is corrupted.")
-        zeroed = pattern.sub(b'"funcopt.crc32":"00000000"', raw)
-        if f"{zlib.crc32(zeroed):08x}" != crc:
-            raise self._fail("the header checksum does not match: the header is corrupted (flipped bytes?).")
-
-    def record(self, key: str, path: str) -> dict[str, Any]:
-        """The validated record of tensor ``key``: ``dtype`` name, ``shape``, saved ``device``."""
-        rec = self.records.get(key) if isinstance(key, str) else None
-        entry = self.entries.get(key) if isinstance(key, str) else None
-        if not isinstance(rec, dict) or entry is None:
-            raise self._fail(f"the tensor for {path or '<root>'} is missing from the file (corrupted header).")
-        dt = dtype_from_name(rec.get("dtype"))
-        shape = list(rec.get("shape", [])) + ([2] if dt.is_complex else [])
-        if shape != entry["shape"] or storage_code(dt, key) != entry["dtype"]:
-            raise self._fail(f"the records for {path or '<root>'} disagree about its shape or dtype (corrupted header).")
-        return rec
-
-    def tensor(self, key: str, path: str) -> torch.Tensor:
-        """Reads tensor ``key`` into a new CPU tensor, checking its CRC-32 when ``verify``."""
-        rec = self.record(key, path)
-        entry = self.entries[key]
-        begin, end = entry["data_offsets"]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        self._f.seek(self.data_start + begin)
-        if end > begin:
-            got = self._f.readinto(memoryview(buf.numpy()))
-            if got != end - begin:
-                raise self._fail(f"could not read the data of {path or '<root>'}: the file is truncated.")
-        if self.verify and "crc32" in rec:
-            if f"{zlib.crc32(memoryview(buf.numpy())):08x}" != rec["crc32"]:
-                raise self._fail(
-                    f"the data of the leaf at {path or '<root>'} fails its checksum: the file is corrupted. "
-                    "Restore an older checkpoint (CheckpointManager keeps several).")
-        dt = dtype_from_name(rec["dtype"])
-        stored = _BY_CODE[entry["dtype"]]
-        t = buf.view(stored).reshape(entry["shape"])
-        if dt.is_complex:
-            t = torch.view_as_complex(t)
-        return t
 
 
 # ---------------------------------------------------------------------------------------------

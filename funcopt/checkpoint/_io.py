@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import secrets
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -15,6 +16,7 @@ import optree
 import torch
 
 from funcopt.base import PyTree
+from funcopt.checkpoint._files import remove_stale_temporaries, temp_name
 from funcopt.checkpoint._format import (
     _CRC_ZERO,
     FORMAT,
@@ -22,7 +24,6 @@ from funcopt.checkpoint._format import (
     CheckpointError,
     CheckpointInfo,
     LeafInfo,
-    Reader,
     _finish_header,
     _header_bytes,
     _tensor_bytes,
@@ -31,6 +32,7 @@ from funcopt.checkpoint._format import (
     dtype_name,
     storage_code,
 )
+from funcopt.checkpoint._reader import Reader
 from funcopt.checkpoint._tree import (
     DeviceSpec,
     _cast,
@@ -43,7 +45,7 @@ from funcopt.checkpoint._tree import (
     _target_device,
 )
 
-__all__ = ["save", "load", "inspect", "device_put", "temp_name"]
+__all__ = ["save", "load", "inspect", "device_put"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,10 +75,49 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def temp_name(path: str) -> str:
-    """The temporary file name :func:`save` writes before renaming it to ``path``."""
-    directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+_CHUNK = 64 << 20
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or save elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free space or save elsewhere",
+    errno.EACCES: "permission denied: check the directory's permissions",
+    errno.EPERM: "operation not permitted: check the directory's permissions",
+    errno.EROFS: "the file system is read-only: save elsewhere",
+}
+
+
+def _alignment(t: torch.Tensor) -> int:
+    return t.element_size()
+
+
+def _crc(view: memoryview) -> int:
+    value = 0
+    for start in range(0, len(view), _CHUNK):
+        value = zlib.crc32(view[start:start + _CHUNK], value)
+    return value
+
+
+def _write_tensors(f: Any, tensors: list[tuple[str, torch.Tensor]], records: dict[str, Any]) -> None:
+    """Writes each tensor's bytes to ``f``; for big saves a helper thread computes each CRC-32 while the
+    bytes are written (``zlib.crc32`` and ``write`` both release the GIL)."""
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    pool = ThreadPoolExecutor(1) if total > (8 << 20) else None
+    try:
+        for key, t in tensors:
+            view = _tensor_bytes(t, key)
+            pending = pool.submit(_crc, view) if pool is not None else None
+            for start in range(0, len(view), _CHUNK):
+                f.write(view[start:start + _CHUNK])
+            records[key]["crc32"] = f"{pending.result() if pending is not None else _crc(view):08x}"
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def _os_error(path: str, e: OSError) -> CheckpointError:
+    hint = _OS_HINTS.get(e.errno or 0, "an operating-system error")
+    return CheckpointError(
+        f"cannot write the checkpoint {path}: {e.strerror or e} ({hint}). Nothing was replaced: the previous "
+        f"file at {path}, if any, is intact, and the temporary file was removed.", path)
 
 
 def save(
@@ -120,7 +161,8 @@ def save(
     records: dict[str, Any] = {}
     entries: dict[str, Any] = {}
     offset = 0
-    for key, t in enc.tensors:
+    tensors = sorted(enc.tensors, key=lambda kt: -_alignment(kt[1]))  # every tensor's data aligned
+    for key, t in tensors:
         shape = list(t.shape) + ([2] if t.is_complex() else [])
         nbytes = t.numel() * t.element_size()
         code = storage_code(t.dtype, key)
@@ -145,15 +187,12 @@ def save(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot save to {path}: the directory {directory} does not exist.")
+    remove_stale_temporaries(directory)
     tmp = temp_name(path)
     try:
         with open(tmp, "xb") as f:
             f.write(b"\0" * (8 + len(placeholder)))
-            for key, t in enc.tensors:
-                view = _tensor_bytes(t, key)
-                records[key]["crc32"] = f"{zlib.crc32(view):08x}"
-                f.write(view)
-                del view
+            _write_tensors(f, tensors, records)
             header = _finish_header(_header_bytes(doc, entries, _CRC_ZERO, len(placeholder)))
             if len(header) != len(placeholder):
                 raise CheckpointError("internal error: the header changed size while saving.")
@@ -163,13 +202,20 @@ def save(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _os_error(path, e) from None
         raise
+    try:
+        _fsync_dir(directory)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # file systems without directory fsync
+            raise CheckpointError(f"{path} was written, but syncing its directory failed ({e.strerror or e}): the "
+                                  "rename may not survive a power loss.", path) from None
     return os.path.abspath(path)
 
 
@@ -185,6 +231,7 @@ def load(
     dtype: torch.dtype | Mapping[torch.dtype, torch.dtype] | None = None,
     paths: str | Sequence[str] | None = None,
     verify: bool = True,
+    mmap: bool = True,
 ) -> PyTree:
     """Reads a checkpoint written by :func:`save`; like ``torch.load(weights_only=True)`` but never unpickles.
 
@@ -204,6 +251,10 @@ def load(
             ``"['opt_state'][1].mu"`` returns that sub-tree; a list of paths returns a tuple of
             sub-trees. Only their tensors are read. ``like`` then describes the sub-tree(s).
         verify: check the CRC-32 of every tensor read (fast; detects corrupted data).
+        mmap: CPU tensors share the file's pages copy-on-write, as with ``safetensors.torch.load_file``
+            (fast; writing to them never changes the file). Do not overwrite the file in place with
+            another tool while they live (funcopt's own saves replace files by rename, which is safe).
+            ``False`` reads every tensor into fresh memory instead.
 
     Returns:
         The pytree. A plain safetensors file without funcopt metadata loads as a flat dict of
@@ -213,7 +264,7 @@ def load(
         CheckpointError: missing, truncated or corrupted file, a pickle or ``torch.save``
             archive, a mismatch against ``like``, an unknown NamedTuple type.
     """
-    with Reader(os.fspath(path), verify=verify) as reader:
+    with Reader(os.fspath(path), verify=verify, mmap=mmap) as reader:
         loader = _Loader(reader, device, dtype)
         root = reader.tree
         if paths is None:
@@ -225,7 +276,7 @@ def load(
         out = []
         for i, p in enumerate(wanted):
             if not isinstance(p, str):
-                raise TypeError(f"paths entries must be strings, got {p!r}.")
+                raise CheckpointError(f"paths entries must be strings, got {p!r}.")
             norm = _normalize_path(p)
             node = _find(root, norm)
             if node is None:

@@ -17,24 +17,13 @@ from typing import Any, Callable, Union
 import torch
 
 from funcopt.base import PyTree
-from funcopt.checkpoint._io import DeviceSpec, inspect, load, save
+from funcopt.checkpoint._files import DirectoryLock, remove_stale_temporaries
 from funcopt.checkpoint._format import CheckpointError
+from funcopt.checkpoint._io import DeviceSpec, inspect, load, save
 
 __all__ = ["CheckpointManager"]
 
 BestFn = Union[str, Callable[[Mapping[str, Any]], float], None]
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 class CheckpointManager:
@@ -55,8 +44,12 @@ class CheckpointManager:
         >>> mgr.save(step, {"params": params, "opt_state": state}, metrics={"loss": loss})
         >>> tree = mgr.restore(like={"params": params0, "opt_state": tx.init(params0)})
 
-    Temporary files left by a killed process (``.<prefix>_*.tmp-<pid>-*`` whose process is gone)
-    are removed when a manager is created. One writer per directory at a time.
+    Temporary files left by a killed save (funcopt's own, whose process is gone) are removed when
+    a manager is created and by every save. One writer per directory and prefix: the first
+    :meth:`save` takes the lock file ``.<prefix>.lock`` (an advisory ``flock`` holding the owner's
+    pid, released when the process exits or on :meth:`close`), and a second manager saving into
+    the same directory raises :class:`CheckpointError` naming the owner. Readers (``restore``,
+    ``latest_step``...) take no lock.
     """
 
     def __init__(
@@ -83,19 +76,26 @@ class CheckpointManager:
         self.best_mode = best_mode
         self.prefix = prefix
         self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.safetensors$")
-        self._temp = re.compile(rf"^\.{re.escape(prefix)}_\d+\.safetensors\.tmp-(\d+)-[0-9a-f]+$")
         self._metrics: dict[int, dict[str, Any]] = {}
-        os.makedirs(self.directory, exist_ok=True)
-        self._remove_stale_temporaries()
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot create the checkpoint directory {self.directory}: {e.strerror or e}.",
+                                  self.directory) from None
+        if not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} is not a directory.", self.directory)
+        self._lock = DirectoryLock(os.path.join(self.directory, f".{prefix}.lock"))
+        remove_stale_temporaries(self.directory)
 
-    def _remove_stale_temporaries(self) -> None:
-        for name in os.listdir(self.directory):
-            m = self._temp.match(name)
-            if m and not _pid_alive(int(m.group(1))):
-                try:
-                    os.remove(os.path.join(self.directory, name))
-                except OSError:
-                    pass
+    def close(self) -> None:
+        """Releases the writer lock (if this manager saved); the manager can still read, and save again."""
+        self._lock.release()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def path(self, step: int) -> str:
         """The file of checkpoint ``step`` (whether or not it exists)."""
@@ -177,6 +177,7 @@ class CheckpointManager:
             raise CheckpointError("metadata may not use the key 'metrics'; pass metrics= instead.")
         meta["metrics"] = clean
         meta.setdefault("step", step)
+        self._lock.acquire(f"CheckpointManager({self.directory!r}, prefix={self.prefix!r}).save")
         path = save(self.path(step), tree, metadata=meta, step=step)
         self._metrics[step] = clean
         steps = self.all_steps()
@@ -187,6 +188,9 @@ class CheckpointManager:
                     os.remove(self.path(old))
                 except FileNotFoundError:
                     pass
+                except OSError as e:
+                    raise CheckpointError(f"checkpoint {path} was saved, but removing the old {self.path(old)} "
+                                          f"failed: {e.strerror or e}.", self.path(old)) from None
                 self._metrics.pop(old, None)
         return path
 

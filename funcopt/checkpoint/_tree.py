@@ -17,9 +17,11 @@ from typing import Any, Callable, Union
 
 import torch
 
-from funcopt.checkpoint._format import CheckpointError, Reader, child_path, dtype_from_name
+from funcopt.checkpoint._format import CheckpointError, child_path, dtype_from_name
 from funcopt.checkpoint._names import is_namedtuple_class as _is_namedtuple_class
 from funcopt.checkpoint._names import names_match, resolve_type_name, short_name, type_name
+from funcopt.checkpoint._reader import Reader
+from funcopt.checkpoint._validate import MAX_DEPTH
 
 __all__ = ["DeviceSpec"]
 
@@ -80,7 +82,12 @@ class _Encoder:
         self.tensors: list[tuple[str, torch.Tensor]] = []
         self.keys: set[str] = set()
 
-    def encode(self, node: Any, path: str) -> dict[str, Any]:
+    def encode(self, node: Any, path: str, depth: int = 0) -> dict[str, Any]:
+        if depth >= MAX_DEPTH and isinstance(node, (dict, list, tuple)):
+            raise CheckpointError(
+                f"cannot save the tree: it is nested deeper than {MAX_DEPTH} levels (at {path}). Flatten it "
+                "(e.g. a dict keyed by path strings)."
+            )
         if node is None:
             return {"t": "none"}
         if isinstance(node, torch.Tensor):
@@ -114,7 +121,7 @@ class _Encoder:
             out: dict[str, Any] = {
                 "t": "odict" if type(node) is OrderedDict else "dict",
                 "k": keys,
-                "c": [self.encode(node[k], child_path(path, k)) for k in keys],
+                "c": [self.encode(node[k], child_path(path, k), depth + 1) for k in keys],
             }
             return out
         if isinstance(node, tuple) and _is_namedtuple_class(type(node)):
@@ -123,12 +130,12 @@ class _Encoder:
                 "t": "namedtuple",
                 "cls": type_name(cls),
                 "f": list(cls._fields),
-                "c": [self.encode(v, f"{path}.{f}") for f, v in zip(cls._fields, node)],
+                "c": [self.encode(v, f"{path}.{f}", depth + 1) for f, v in zip(cls._fields, node)],
             }
         if type(node) in (list, tuple):
             return {
                 "t": type(node).__name__,
-                "c": [self.encode(v, f"{path}[{i}]") for i, v in enumerate(node)],
+                "c": [self.encode(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(node)],
             }
         raise CheckpointError(
             f"cannot save the leaf at {path or '<root>'}: a {type(node).__name__}. Leaves must be "

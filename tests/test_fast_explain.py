@@ -196,10 +196,13 @@ def test_dtensor_leaf_in_a_one_rank_gloo_group():
         p = {"w": distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])}
         g = {"w": distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])}
         tx = funcopt.adam(1e-3)
-        print(funcopt.fast.explain(tx, g, tx.init(p), p).reasons[0])
+        print(funcopt.fast.explain(tx, g, tx.init(p), p).route)
+        print(funcopt.fast.explain(tx, g, tx.init(p), p, step="apply_gradients").reasons[0])
         dist.destroy_process_group()
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+    # update runs the kernel on the local shards (tests/test_fsdp.py); apply_gradients does not
+    assert "fast on local DTensor shards" in out.stdout
     assert "grads['w'] is a DTensor, not a plain torch.Tensor (a DTensor: the fast kernels run on plain local tensors only)" in out.stdout

@@ -22,6 +22,12 @@ The code is split by concept: :mod:`funcopt.distributed_collectives` (process-gr
 collectives, ``average_gradients``, ``shard``), :mod:`funcopt.distributed_checkpoint` (DCP
 ``save``/``load``), :mod:`funcopt.distributed_sweep` (``sweep``) and
 :mod:`funcopt.distributed_launch` (``launch``). Every public name is importable from here.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) parameters, gradients and the optimizer
+state are DTensor shards; :func:`module_params`, :func:`module_grads`, :func:`apply_updates_`
+and :func:`module_step` run ``tx.init``/``tx.update`` on them (each rank holds 1/N of the
+state; norms reduce over whole tensors), and :func:`save`/:func:`load` reshard them N -> M.
+See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ from funcopt.distributed._collectives import (
     shard,
 )
 from funcopt.distributed._launch import launch
+from funcopt.distributed._sharded import (
+    apply_updates_,
+    distribute_like,
+    full_tensors,
+    local_nbytes,
+    module_grads,
+    module_params,
+    module_step,
+)
 from funcopt.distributed._sweep import sweep
 
 __all__ = [
@@ -52,4 +67,11 @@ __all__ = [
     "checkpoint_info",
     "launch",
     "sweep",
+    "module_params",
+    "module_grads",
+    "apply_updates_",
+    "module_step",
+    "local_nbytes",
+    "full_tensors",
+    "distribute_like",
 ]

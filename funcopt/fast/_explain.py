@@ -9,6 +9,7 @@ from funcopt.base import GradientTransformation, PyTree
 from funcopt.fast._backends import _BACKENDS
 from funcopt.fast._plan import Plan, columns_reason, flatten, traced_reason
 from funcopt.fast._route import FastPath, fast_path_of
+from funcopt.fast._shards import explain_on_shards, has_dtensor
 from funcopt.fast._switch import FAST_SWITCH
 
 __all__ = ["Route", "explain", "fast_path_applies"]
@@ -114,6 +115,8 @@ def explain(
                 return Route("fast, in place, remembered checks", "torch", ())
             reasons.append("the previous donated step's checks no longer hold (checked again)")
         whole = step == "apply_gradients"
+        if not whole and has_dtensor(grads):  # FSDP2: the kernel on each rank's local shards
+            return explain_on_shards(explain, tx, fp, grads, state, params)
         plan = fp.plan(grads, state, params, donate=whole)
         if type(plan) is Plan:
             if in_place:

@@ -34,6 +34,7 @@ from funcopt.fast._plan import (
     traced_reason,
 )
 from funcopt.fast._switch import FAST_SWITCH
+from funcopt.fast._shards import update_on_shards
 
 __all__ = ["FastRoute", "declare", "fast_path_of"]
 
@@ -275,6 +276,9 @@ class FastPath:
                 result = self.run_backend(plan, state, write_params=False)
                 out, new_state = result if result is not None else self.run(plan, state, donate=False)
                 return optree.tree_unflatten(plan.spec, out), new_state
+            on_shards = update_on_shards(self, updates, state, params)  # DTensors (FSDP2)
+            if on_shards is not None:
+                return on_shards
         return self.reference.update(updates, state, params, **extra_args)
 
     def pure_step(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:

@@ -67,12 +67,15 @@ def _placeholder(p: torch.Tensor) -> torch.Tensor:
     return p.new_zeros((0,))
 
 
-def _row_shape(p: torch.Tensor) -> list[int]:
-    return [*p.shape[:-1], 1]
+def _row_zeros(p: torch.Tensor) -> torch.Tensor:
+    """Zeros of the row factor's shape (the last dim set to 1). Built from a slice of ``p`` so
+    that a DTensor leaf's factor keeps the leaf's sharding of the other dims (FSDP2's rows)."""
+    return torch.zeros_like(p[..., :1], memory_format=torch.contiguous_format)
 
 
-def _col_shape(p: torch.Tensor) -> list[int]:
-    return [*p.shape[:-2], 1, p.shape[-1]]
+def _col_zeros(p: torch.Tensor) -> torch.Tensor:
+    """Zeros of the column factor's shape (dim -2 set to 1); replicated over a sharded dim -2."""
+    return torch.zeros_like(p[..., :1, :], memory_format=torch.contiguous_format)
 
 
 def _init_leaves(params: PyTree) -> tuple[PyTree, PyTree, PyTree]:
@@ -82,8 +85,8 @@ def _init_leaves(params: PyTree) -> tuple[PyTree, PyTree, PyTree]:
                 f"scale_by_factored_rms: the params leaf at {path} is complex; Adafactor (like "
                 "torch.optim.Adafactor) supports real params only. Optimize torch.view_as_real(leaf) instead."
             )
-    v_row = _tree.map(lambda p: p.new_zeros(_row_shape(p)) if _is_factored(p) else _placeholder(p), params)
-    v_col = _tree.map(lambda p: p.new_zeros(_col_shape(p)) if _is_factored(p) else _placeholder(p), params)
+    v_row = _tree.map(lambda p: _row_zeros(p) if _is_factored(p) else _placeholder(p), params)
+    v_col = _tree.map(lambda p: _col_zeros(p) if _is_factored(p) else _placeholder(p), params)
     v = _tree.map(lambda p: _placeholder(p) if _is_factored(p) else torch.zeros_like(p), params)
     return v_row, v_col, v
 

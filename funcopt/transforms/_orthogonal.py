@@ -20,6 +20,7 @@ and forward mode).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -179,6 +180,17 @@ def _newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], st
     return x.mT if tall else x
 
 
+def _whole_matrix(u: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(u)`` on the whole matrix. For a DTensor ``u`` (an FSDP2 shard) every rank all-gathers
+    the matrix (``full_tensor``), computes ``fn`` on it (the same bits on every rank: the
+    unsharded result) and keeps its own shard, without further communication."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists unless loaded
+    if module is None or not isinstance(u, module.DTensor):
+        return fn(u)
+    placements = [module.Replicate() if p.is_partial() else p for p in u.placements]
+    return module.distribute_tensor(fn(u.full_tensor()), u.device_mesh, placements, src_data_rank=None)
+
+
 def _lr_ratio(shape: torch.Size, adjust_lr_fn: str | None) -> float:
     """torch's ``_adjust_lr`` factor for a matrix of ``shape``."""
     rows, cols = shape[:2]
@@ -232,7 +244,9 @@ def scale_by_muon(
 
     Leaves must be real 2-D matrices (``FuncoptError`` naming the path otherwise); empty leaves
     (the placeholders ``masked``/``multi_transform`` put for other groups' leaves) pass through.
-    Not elementwise: no fast route.
+    Not elementwise: no fast route. A DTensor leaf (FSDP2) is all-gathered for the iteration
+    (one ``A x B`` all-gather per matrix per step, the iteration repeated on every rank) and
+    each rank keeps its shard: the same numbers as unsharded.
 
     Args:
         momentum: momentum factor in [0, 1) (default 0.95).
@@ -258,8 +272,11 @@ def scale_by_muon(
         raise FuncoptError(f"nesterov must be True or False, got {nesterov!r}.")
     coefficients = tuple(float(v) for v in ns_coefficients)
 
+    def orthogonalize(u: torch.Tensor) -> torch.Tensor:
+        return _newton_schulz(u, coefficients, ns_steps, eps).to(u.dtype)
+
     def direction(u: torch.Tensor) -> torch.Tensor:
-        return u if u.numel() == 0 else _newton_schulz(u, coefficients, ns_steps, eps).to(u.dtype)
+        return u if u.numel() == 0 else _whole_matrix(u, orthogonalize)
 
     def init(params):
         _check_matrices(params, "params")

@@ -129,6 +129,43 @@ from funcopt.transforms import set_to_zero as set_to_zero
 from funcopt.transforms import add_noise as add_noise
 from funcopt.transforms import AddNoiseState as AddNoiseState
 
+# catalog A: optax's aliases and their blocks
+from funcopt.optimizers import adabelief as adabelief
+from funcopt.optimizers import adan as adan
+from funcopt.optimizers import amsgrad as amsgrad
+from funcopt.optimizers import adamaxw as adamaxw
+from funcopt.optimizers import nadamw as nadamw
+from funcopt.optimizers import yogi as yogi
+from funcopt.optimizers import novograd as novograd
+from funcopt.optimizers import sm3 as sm3
+from funcopt.optimizers import fromage as fromage
+from funcopt.optimizers import lars as lars
+from funcopt.optimizers import sign_sgd as sign_sgd
+from funcopt.optimizers import signum as signum
+from funcopt.optimizers import optimistic_gradient_descent as optimistic_gradient_descent
+from funcopt.optimizers import optimistic_adam_v2 as optimistic_adam_v2
+from funcopt.optimizers import noisy_sgd as noisy_sgd
+from funcopt.optimizers import polyak_sgd as polyak_sgd
+from funcopt.transforms import ScaleByAdanState as ScaleByAdanState
+from funcopt.transforms import ScaleByAmsgradState as ScaleByAmsgradState
+from funcopt.transforms import ScaleByBeliefState as ScaleByBeliefState
+from funcopt.transforms import ScaleByNovogradState as ScaleByNovogradState
+from funcopt.transforms import ScaleByOptimisticGradientState as ScaleByOptimisticGradientState
+from funcopt.transforms import ScaleBySM3State as ScaleBySM3State
+from funcopt.transforms import ScaleByYogiState as ScaleByYogiState
+from funcopt.transforms import EmaState as EmaState
+from funcopt.transforms import ema as ema
+from funcopt.transforms import scale_by_adan as scale_by_adan
+from funcopt.transforms import scale_by_amsgrad as scale_by_amsgrad
+from funcopt.transforms import scale_by_belief as scale_by_belief
+from funcopt.transforms import scale_by_nesterov_adam as scale_by_nesterov_adam
+from funcopt.transforms import scale_by_novograd as scale_by_novograd
+from funcopt.transforms import scale_by_optimistic_gradient as scale_by_optimistic_gradient
+from funcopt.transforms import scale_by_polyak as scale_by_polyak
+from funcopt.transforms import scale_by_sign as scale_by_sign
+from funcopt.transforms import scale_by_sm3 as scale_by_sm3
+from funcopt.transforms import scale_by_yogi as scale_by_yogi
+
 if hasattr(fast, "native"):  # the optional native backend
     native = fast.native
 

@@ -41,6 +41,13 @@ def _inverse_time(count):
     return 1e-2 / (1 + count)
 
 
+def _inverse_time64(count):
+    """``_inverse_time`` computed in float64 from a torch or a JAX count (for the optax rows: an
+    int tensor divided by a Python float is float32 in torch)."""
+    c = count.to(torch.float64) if isinstance(count, torch.Tensor) else count.astype("float64")
+    return 1e-2 / (1 + c)
+
+
 def clipped_adam(learning_rate=1e-2, max_norm=1.0, max_delta=0.5):
     """Adam after global-norm and elementwise clipping: a chain of blocks with no fast route."""
     return funcopt.chain(funcopt.clip_by_global_norm(max_norm), funcopt.clip(max_delta), funcopt.adam(learning_rate))
@@ -54,6 +61,8 @@ _PIECEWISE_CONSTANT = (funcopt.lion,)
 _PIECEWISE_CONSTANT += (funcopt.muon, funcopt.muon_with_adamw)
 # Rprop moves each element by -sign(g) * step_size; its step sizes change by sign tests only.
 _PIECEWISE_CONSTANT += (funcopt.rprop,)
+# signSGD and signum step by the sign of the gradient (of its EMA).
+_PIECEWISE_CONSTANT += (funcopt.sign_sgd, funcopt.signum)
 
 
 @dataclass(frozen=True)
@@ -299,6 +308,119 @@ ROWS: dict[str, Row] = _rows(
         torch.optim.Adafactor,
         dict(lr=0.05, beta2_decay=-0.5, eps=(1e-3, 1e-2), d=2.0, weight_decay=0.05, maximize=True),
     ),
+    # --- optax aliases (catalog A): each against optax itself (tests/test_optax_parity.py)
+    Row("adabelief", funcopt.adabelief, dict(learning_rate=1e-2), optax_name="adabelief", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "adabelief_nesterov",
+        funcopt.adabelief, dict(learning_rate=1e-2, b1=0.8, eps=1e-8, eps_root=1e-12, nesterov=True),
+        optax_name="adabelief", optax_kwargs=dict(learning_rate=1e-2, b1=0.8, eps=1e-8, eps_root=1e-12, nesterov=True),
+    ),
+    Row("adan", funcopt.adan, dict(learning_rate=1e-2), optax_name="adan", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "adan_weight_decay",
+        funcopt.adan, dict(learning_rate=1e-2, b1=0.9, b3=0.95, eps_root=0.0, weight_decay=0.05),
+        optax_name="adan", optax_kwargs=dict(learning_rate=1e-2, b1=0.9, b3=0.95, eps_root=0.0, weight_decay=0.05),
+    ),
+    Row("amsgrad", funcopt.amsgrad, dict(learning_rate=1e-2), optax_name="amsgrad", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "amsgrad_eps_root_no_nu_correction",
+        funcopt.amsgrad, dict(learning_rate=1e-2, b2=0.99, eps_root=1e-8, bias_correction_nu=False),
+        optax_name="amsgrad", optax_kwargs=dict(learning_rate=1e-2, b2=0.99, eps_root=1e-8, bias_correction_nu=False),
+    ),
+    Row("adamaxw", funcopt.adamaxw, dict(learning_rate=2e-2), optax_name="adamaxw", optax_kwargs=dict(learning_rate=2e-2)),
+    Row(
+        "adamaxw_mask",
+        funcopt.adamaxw, dict(learning_rate=2e-2, weight_decay=0.1, mask=_matrices),
+        optax_name="adamaxw", optax_kwargs=dict(learning_rate=2e-2, weight_decay=0.1, mask=_matrices),
+    ),
+    Row("nadamw", funcopt.nadamw, dict(learning_rate=1e-2), optax_name="nadamw", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "nadamw_eps_root_decay",
+        funcopt.nadamw, dict(learning_rate=1e-2, b1=0.8, eps_root=1e-8, weight_decay=0.05),
+        optax_name="nadamw", optax_kwargs=dict(learning_rate=1e-2, b1=0.8, eps_root=1e-8, weight_decay=0.05),
+    ),
+    Row("yogi", funcopt.yogi, dict(learning_rate=1e-2), optax_name="yogi", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "yogi_b1_eps",
+        funcopt.yogi, dict(learning_rate=2e-2, b1=0.5, eps=1e-6),
+        optax_name="yogi", optax_kwargs=dict(learning_rate=2e-2, b1=0.5, eps=1e-6),
+    ),
+    Row("novograd", funcopt.novograd, dict(learning_rate=1e-2), optax_name="novograd", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "novograd_weight_decay",
+        funcopt.novograd, dict(learning_rate=1e-2, b2=0.5, eps_root=1e-6, weight_decay=0.1),
+        optax_name="novograd", optax_kwargs=dict(learning_rate=1e-2, b2=0.5, eps_root=1e-6, weight_decay=0.1),
+    ),
+    Row("sm3", funcopt.sm3, dict(learning_rate=0.05), optax_name="sm3", optax_kwargs=dict(learning_rate=0.05)),
+    Row(
+        "sm3_no_momentum",
+        funcopt.sm3, dict(learning_rate=0.05, momentum=0.0), optax_name="sm3", optax_kwargs=dict(learning_rate=0.05, momentum=0.0),
+    ),
+    Row("fromage", funcopt.fromage, dict(learning_rate=1e-2), optax_name="fromage", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "fromage_schedule",
+        funcopt.fromage, dict(learning_rate=_inverse_time64, min_norm=1e-3),
+        optax_name="fromage", optax_kwargs=dict(learning_rate=_inverse_time64, min_norm=1e-3),
+    ),
+    Row("lars", funcopt.lars, dict(learning_rate=0.5), optax_name="lars", optax_kwargs=dict(learning_rate=0.5)),
+    Row(
+        "lars_masks_nesterov",
+        funcopt.lars,
+        dict(learning_rate=0.1, weight_decay=0.01, weight_decay_mask=_matrices, trust_ratio_mask=_matrices, nesterov=True),
+        optax_name="lars",
+        optax_kwargs=dict(
+            learning_rate=0.1, weight_decay=0.01, weight_decay_mask=_matrices, trust_ratio_mask=_matrices, nesterov=True
+        ),
+    ),
+    Row("sign_sgd", funcopt.sign_sgd, dict(learning_rate=1e-2), optax_name="sign_sgd", optax_kwargs=dict(learning_rate=1e-2)),
+    Row("signum", funcopt.signum, dict(learning_rate=1e-2), optax_name="signum", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "signum_beta_schedule",
+        funcopt.signum, dict(learning_rate=_inverse_time64, beta=0.5),
+        optax_name="signum", optax_kwargs=dict(learning_rate=_inverse_time64, beta=0.5),
+    ),
+    Row(
+        "optimistic_gradient_descent",
+        funcopt.optimistic_gradient_descent, dict(learning_rate=1e-2),
+        optax_name="optimistic_gradient_descent", optax_kwargs=dict(learning_rate=1e-2),
+    ),
+    Row(
+        "optimistic_gradient_descent_alpha_beta",
+        funcopt.optimistic_gradient_descent, dict(learning_rate=1e-2, alpha=0.5, beta=0.8),
+        optax_name="optimistic_gradient_descent", optax_kwargs=dict(learning_rate=1e-2, alpha=0.5, beta=0.8),
+    ),
+    Row(
+        "optimistic_adam_v2",
+        funcopt.optimistic_adam_v2, dict(learning_rate=1e-2),
+        optax_name="optimistic_adam_v2", optax_kwargs=dict(learning_rate=1e-2),
+    ),
+    Row(
+        "optimistic_adam_v2_plain_adam",
+        funcopt.optimistic_adam_v2, dict(learning_rate=1e-2, alpha=0.5, beta=2.0, eps_root=1e-8, nesterov=False),
+        optax_name="optimistic_adam_v2",
+        optax_kwargs=dict(learning_rate=1e-2, alpha=0.5, beta=2.0, eps_root=1e-8, nesterov=False),
+    ),
+    # noisy_sgd: JAX draws other noise than funcopt, so only eta=0 can follow optax's trajectory;
+    # tests/test_catalog_aliases.py checks the noise's mean and variance against eta / t**gamma.
+    Row("noisy_sgd", funcopt.noisy_sgd, dict(learning_rate=0.05, key=3)),
+    Row(
+        "noisy_sgd_no_noise",
+        funcopt.noisy_sgd, dict(learning_rate=0.05, eta=0.0), optax_name="noisy_sgd", optax_kwargs=dict(learning_rate=0.05, eta=0.0, key=0),
+    ),
+    # (the batteries' objective has its minimum near 1.9: f_min=-5 over-estimates the gap, so the
+    # first steps are Polyak's and the rest capped; sps+'s clipping of a negative gap is checked in
+    # tests/test_catalog_aliases.py)
+    Row(
+        "polyak_sgd",
+        funcopt.polyak_sgd, dict(max_learning_rate=0.25, f_min=-5.0),
+        optax_name="polyak_sgd", optax_kwargs=dict(max_learning_rate=0.25, f_min=-5.0), update_extras=("value",),
+    ),
+    Row(
+        "polyak_sgd_sps_plus",
+        funcopt.polyak_sgd, dict(max_learning_rate=0.5, scaling=0.5, f_min=0.0, eps=1e-6, variant="sps+"),
+        optax_name="polyak_sgd", optax_kwargs=dict(max_learning_rate=0.5, scaling=0.5, f_min=0.0, eps=1e-6, variant="sps+"),
+        update_extras=("value",),
+    ),
     # --- Compositions: a chain with no fast route; inject_hyperparams around a fast one
     Row("chain_clip_adam", clipped_adam, dict(learning_rate=1e-2)),
     Row("inject_adam", funcopt.inject_hyperparams(funcopt.adam), dict(learning_rate=1e-2)),
@@ -332,6 +454,12 @@ def torch_optimizer(name: str, params, **overrides) -> torch.optim.Optimizer:
     if r.torch_class is None:
         raise KeyError(f"registry row {name!r} has no torch.optim counterpart")
     return r.torch_class(params, **{**r.torch_kwargs, **overrides})
+
+
+def update_kwargs(name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The extra keyword arguments the row's ``update`` takes each step (its ``update_extras``),
+    e.g. ``{"value": value}`` for polyak_sgd; ``value`` is the loss at the current params."""
+    return {k: value for k in ROWS[name].update_extras}
 
 
 def objective(name: str, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -14,8 +14,17 @@ from funcopt.optimizers._classic import adadelta, asgd, rprop
 from funcopt.optimizers._muon import muon, muon_with_adamw
 from funcopt.optimizers._sgd import sgd
 from funcopt.optimizers._sparse_adam import sparse_adam
+# catalog A: optax's aliases
+from funcopt.optimizers._adan import adan
+from funcopt.optimizers._layerwise import fromage, lars, novograd
+from funcopt.optimizers._noisy_sgd import noisy_sgd
+from funcopt.optimizers._optax_adam import adabelief, adamaxw, amsgrad, nadamw, yogi
+from funcopt.optimizers._optimistic import optimistic_adam_v2, optimistic_gradient_descent
+from funcopt.optimizers._polyak import polyak_sgd
+from funcopt.optimizers._sign import sign_sgd, signum
+from funcopt.optimizers._sm3 import sm3
 
-__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "FAST_PATH_OPTIMIZERS"]
+__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "adabelief", "adan", "amsgrad", "adamaxw", "nadamw", "yogi", "novograd", "sm3", "fromage", "lars", "sign_sgd", "signum", "optimistic_gradient_descent", "optimistic_adam_v2", "noisy_sgd", "polyak_sgd", "FAST_PATH_OPTIMIZERS"]
 
 FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
 """Names of the optimizers with a declared fast route."""

@@ -78,6 +78,33 @@ from funcopt.transforms._torch_extra import (
     scale_by_rprop,
 )
 from funcopt.transforms._sparse import scale_by_sparse_adam
+# catalog A: optax's aliases
+from funcopt.transforms._adan import ScaleByAdanState, scale_by_adan
+from funcopt.transforms._belief import ScaleByBeliefState, scale_by_belief
+from funcopt.transforms._novograd import ScaleByNovogradState, scale_by_novograd
+from funcopt.transforms._optax_adam import (
+    ScaleByAmsgradState,
+    ScaleByYogiState,
+    scale_by_amsgrad,
+    scale_by_nesterov_adam,
+    scale_by_yogi,
+)
+from funcopt.transforms._optimistic import ScaleByOptimisticGradientState, scale_by_optimistic_gradient
+from funcopt.transforms._polyak import scale_by_polyak
+from funcopt.transforms._sign import EmaState, ema, scale_by_sign
+from funcopt.transforms._sm3 import ScaleBySM3State, scale_by_sm3
+from funcopt.transforms._scale import (
+    ScaleByScheduleState,
+    TraceState,
+    add_decayed_weights,
+    clip,
+    clip_by_global_norm,
+    scale,
+    scale_by_learning_rate,
+    scale_by_schedule,
+    scale_by_trust_ratio,
+    trace,
+)
 from funcopt.transforms._scale import (
     ScaleByScheduleState,
     TraceState,
@@ -154,6 +181,26 @@ __all__ = [
     # catalog C: noise
     "AddNoiseState",
     "add_noise",
+    # catalog A: optax's aliases
+    "ScaleByAdanState",
+    "ScaleByAmsgradState",
+    "ScaleByBeliefState",
+    "ScaleByNovogradState",
+    "ScaleByOptimisticGradientState",
+    "ScaleBySM3State",
+    "ScaleByYogiState",
+    "EmaState",
+    "ema",
+    "scale_by_adan",
+    "scale_by_amsgrad",
+    "scale_by_belief",
+    "scale_by_nesterov_adam",
+    "scale_by_novograd",
+    "scale_by_optimistic_gradient",
+    "scale_by_polyak",
+    "scale_by_sign",
+    "scale_by_sm3",
+    "scale_by_yogi",
     # helpers for writing transformations
     "check_beta",
     "check_learning_rate",

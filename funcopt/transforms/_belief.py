@@ -1,0 +1,71 @@
+"""AdaBelief's scaling: Adam whose second moment tracks the gradient's deviation from its EMA.
+
+Part of ``funcopt.transforms``; numerics of optax 0.2.8's ``scale_by_belief``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
+
+__all__ = ["ScaleByBeliefState", "scale_by_belief"]
+
+
+@stable_name("funcopt.ScaleByBeliefState")
+class ScaleByBeliefState(NamedTuple):
+    """State of :func:`scale_by_belief`: the 0-dim int64 ``count``, the gradient EMA ``mu`` and
+    ``nu``, the EMA of ``(g - mu)**2`` (plus ``eps_root`` each step), both params-shaped."""
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_belief(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    *,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    """AdaBelief's rescaling (Zhuang et al., "AdaBelief Optimizer: Adapting Stepsizes by the
+    Belief in Observed Gradients", NeurIPS 2020, arXiv 2010.07468), as ``optax.scale_by_belief``.
+
+    ``mu = b1 * mu + (1 - b1) * g``; ``nu = b2 * nu + (1 - b2) * (g - mu)**2 + eps_root``;
+    returns ``mu_hat / (sqrt(nu / (1 - b2**t)) + eps)`` with ``mu_hat = mu / (1 - b1**t)``, or
+    with ``nesterov=True`` ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_non_negative("eps", eps)
+    check_non_negative("eps_root", eps_root)
+
+    def init(params):
+        return ScaleByBeliefState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params))
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, ScaleByBeliefState, "scale_by_belief")
+        step = _float_step(state.count)
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+
+        def second(v, g, m):
+            d = g - m
+            return _lerp(v, d * d, 1 - b2) + eps_root
+
+        nu = _tree.map(second, state.nu, updates, mu, names=("nu", "updates", "mu"))
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        if nesterov:
+            bc1_next = 1 - b1 ** (step + 1)
+            mu_hat = _tree.map(lambda m, g: b1 * (m / bc1_next) + (1 - b1) * (g / bc1), mu, updates)
+        else:
+            mu_hat = _tree.map(lambda m: m / bc1, mu)
+        out = _tree.map(lambda m, v: m / (torch.sqrt(v / bc2) + eps), mu_hat, nu)
+        return out, ScaleByBeliefState(state.count + 1, mu, nu)
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,161 @@
+"""optax's Adam variants: AMSGrad (max of the bias-corrected second moment), Adam with
+Nesterov momentum (optax's ``nesterov=True``, used by NAdamW and optimistic Adam) and Yogi.
+
+Part of ``funcopt.transforms``. The numerics follow optax 0.2.8 (``scale_by_amsgrad``,
+``scale_by_adam(nesterov=True)``, ``scale_by_yogi``), which differ from ``torch.optim``'s
+``Adam(amsgrad=True)`` and ``NAdam``: see each docstring.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.transforms._adaptive import ScaleByAdamState
+from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
+
+__all__ = [
+    "ScaleByAmsgradState",
+    "ScaleByYogiState",
+    "scale_by_amsgrad",
+    "scale_by_nesterov_adam",
+    "scale_by_yogi",
+]
+
+
+@stable_name("funcopt.ScaleByAmsgradState")
+class ScaleByAmsgradState(NamedTuple):
+    """State of :func:`scale_by_amsgrad`: the 0-dim int64 ``count``, the moments ``mu`` and
+    ``nu`` and ``nu_max``, the running maximum of the (bias-corrected) ``nu``, all params-shaped."""
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+    nu_max: PyTree
+
+
+def scale_by_amsgrad(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+) -> GradientTransformation:
+    """AMSGrad as ``optax.scale_by_amsgrad`` (Reddi et al., "On the Convergence of Adam and
+    Beyond", ICLR 2018).
+
+    ``nu_max = max(nu_max, nu / (1 - b2**t))`` (the maximum of the *bias-corrected* second
+    moment; ``torch.optim.Adam(amsgrad=True)`` keeps the maximum of the raw one); returns
+    ``(mu / (1 - b1**t)) / (sqrt(nu_max + eps_root) + eps)``. The ``bias_correction_*`` flags
+    switch either correction off.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_non_negative("eps", eps)
+    check_non_negative("eps_root", eps_root)
+
+    def init(params):
+        zeros = _tree.zeros_like
+        return ScaleByAmsgradState(init_count(params), zeros(params), zeros(params), zeros(params))
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, ScaleByAmsgradState, "scale_by_amsgrad")
+        step = _float_step(state.count)
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
+        bc1 = 1 - b1**step if bias_correction_mu else 1.0
+        bc2 = 1 - b2**step if bias_correction_nu else 1.0
+        nu_max = _tree.map(lambda vm, v: torch.maximum(vm, v / bc2), state.nu_max, nu)
+        out = _tree.map(lambda m, vm: (m / bc1) / (torch.sqrt(vm + eps_root) + eps), mu, nu_max)
+        return out, ScaleByAmsgradState(state.count + 1, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_nesterov_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+) -> GradientTransformation:
+    """Adam with Nesterov momentum as ``optax.scale_by_adam(nesterov=True)`` (Dozat, "Incorporating
+    Nesterov Momentum into Adam", 2016), the direction of ``optax.nadam``/``nadamw``.
+
+    The first moment estimate is ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``;
+    returns it over ``sqrt(nu / (1 - b2**t) + eps_root) + eps``. (``torch.optim.NAdam``, i.e.
+    :func:`scale_by_nadam`, uses a momentum-decay schedule instead.) State: ``ScaleByAdamState``.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_non_negative("eps", eps)
+    check_non_negative("eps_root", eps_root)
+
+    def init(params):
+        return ScaleByAdamState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params), ())
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, ScaleByAdamState, "scale_by_nesterov_adam")
+        step = _float_step(state.count)
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
+        bc1, bc1_next, bc2 = 1 - b1**step, 1 - b1 ** (step + 1), 1 - b2**step
+
+        def direction(m, v, g):
+            m_hat = b1 * (m / bc1_next) + (1 - b1) * (g / bc1)
+            return m_hat / (torch.sqrt(v / bc2 + eps_root) + eps)
+
+        return _tree.map(direction, mu, nu, updates), ScaleByAdamState(state.count + 1, mu, nu, ())
+
+    return GradientTransformation(init, update)
+
+
+@stable_name("funcopt.ScaleByYogiState")
+class ScaleByYogiState(NamedTuple):
+    """State of :func:`scale_by_yogi`: the 0-dim int64 ``count`` and the params-shaped moments
+    ``mu`` and ``nu``."""
+
+    count: torch.Tensor
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_yogi(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-3,
+    eps_root: float = 0.0,
+    initial_accumulator_value: float = 1e-6,
+) -> GradientTransformation:
+    """Yogi as ``optax.scale_by_yogi`` (Zaheer et al., "Adaptive Methods for Nonconvex
+    Optimization", NeurIPS 2018).
+
+    Both moments start at ``initial_accumulator_value``; the second moment moves additively,
+    ``nu = nu - (1 - b2) * sign(nu - g**2) * g**2``; returns
+    ``(mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t) + eps_root) + eps)``.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    check_non_negative("eps", eps)
+    check_non_negative("eps_root", eps_root)
+
+    def init(params):
+        full = _tree.full_like(params, initial_accumulator_value)
+        return ScaleByYogiState(init_count(params), full, _tree.full_like(params, initial_accumulator_value))
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, ScaleByYogiState, "scale_by_yogi")
+        step = _float_step(state.count)
+        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+
+        def second(v, g):
+            g2 = g * g
+            return v - (1 - b2) * torch.sign(v - g2) * g2
+
+        nu = _tree.map(second, state.nu, updates)
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, nu)
+        return out, ScaleByYogiState(state.count + 1, mu, nu)
+
+    return GradientTransformation(init, update)

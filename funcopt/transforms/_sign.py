@@ -1,0 +1,61 @@
+"""Sign-based blocks: ``scale_by_sign`` and the ``ema`` it follows in signum.
+
+Part of ``funcopt.transforms``; numerics of optax 0.2.8's ``scale_by_sign`` and ``ema``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import EmptyState, GradientTransformation, PyTree, check_state, stable_name
+from funcopt.transforms._common import _float_step, _lerp, check_beta, init_count
+
+__all__ = ["EmaState", "ema", "scale_by_sign"]
+
+
+def scale_by_sign() -> GradientTransformation:
+    """Replaces each element of the updates by its sign (-1, 0 or 1), as ``optax.scale_by_sign``
+    (Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018)."""
+
+    def init(params):
+        return EmptyState()
+
+    def update(updates, state, params=None, **extra_args):
+        return _tree.map(torch.sign, updates), state
+
+    return GradientTransformation(init, update)
+
+
+@stable_name("funcopt.EmaState")
+class EmaState(NamedTuple):
+    """State of :func:`ema`: the 0-dim int64 ``count`` and the params-shaped average ``ema``."""
+
+    count: torch.Tensor
+    ema: PyTree
+
+
+def ema(decay: float, debias: bool = True) -> GradientTransformation:
+    """Exponential moving average of the updates, as ``optax.ema``: ``e = decay * e + (1 - decay) * u``.
+
+    Returns ``e / (1 - decay**t)`` (``debias=True``) or ``e`` itself. (``trace`` instead sums
+    ``decay * b + u``, torch's SGD momentum.)
+    """
+    check_beta("decay", decay)
+
+    def init(params):
+        return EmaState(init_count(params), _tree.zeros_like(params))
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, EmaState, "ema")
+        new = _tree.map(lambda e, u: _lerp(e, u, 1 - decay), state.ema, updates, names=("ema", "updates"))
+        if debias:
+            bc = 1 - decay ** _float_step(state.count)
+            out = _tree.map(lambda e: e / bc, new)
+        else:
+            out = new
+        return out, EmaState(state.count + 1, new)
+
+    return GradientTransformation(init, update)

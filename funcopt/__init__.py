@@ -166,6 +166,42 @@ from funcopt.transforms import scale_by_sign as scale_by_sign
 from funcopt.transforms import scale_by_sm3 as scale_by_sm3
 from funcopt.transforms import scale_by_yogi as scale_by_yogi
 
+# catalog B: optax.contrib and their blocks
+from funcopt.optimizers import schedule_free_adamw as schedule_free_adamw
+from funcopt.optimizers import schedule_free_sgd as schedule_free_sgd
+from funcopt.optimizers import adopt as adopt
+from funcopt.optimizers import ademamix as ademamix
+from funcopt.optimizers import prodigy as prodigy
+from funcopt.optimizers import dadapt_adamw as dadapt_adamw
+from funcopt.optimizers import madgrad as madgrad
+from funcopt.optimizers import cocob as cocob
+from funcopt.optimizers import dog as dog
+from funcopt.optimizers import dowg as dowg
+from funcopt.optimizers import momo as momo
+from funcopt.transforms import schedule_free as schedule_free
+from funcopt.transforms import schedule_free_eval_params as schedule_free_eval_params
+from funcopt.transforms import scale_by_bias_corrected_rms as scale_by_bias_corrected_rms
+from funcopt.transforms import scale_by_adopt as scale_by_adopt
+from funcopt.transforms import scale_by_ademamix as scale_by_ademamix
+from funcopt.transforms import scale_by_madgrad as scale_by_madgrad
+from funcopt.transforms import scale_by_cocob as scale_by_cocob
+from funcopt.transforms import scale_by_prodigy as scale_by_prodigy
+from funcopt.transforms import scale_by_dadapt_adam as scale_by_dadapt_adam
+from funcopt.transforms import scale_by_dog as scale_by_dog
+from funcopt.transforms import scale_by_dowg as scale_by_dowg
+from funcopt.transforms import scale_by_momo as scale_by_momo
+from funcopt.transforms import ScheduleFreeState as ScheduleFreeState
+from funcopt.transforms import ScaleByBiasCorrectedRmsState as ScaleByBiasCorrectedRmsState
+from funcopt.transforms import ScaleByAdoptState as ScaleByAdoptState
+from funcopt.transforms import ScaleByAdemamixState as ScaleByAdemamixState
+from funcopt.transforms import ScaleByMadgradState as ScaleByMadgradState
+from funcopt.transforms import ScaleByCocobState as ScaleByCocobState
+from funcopt.transforms import ScaleByProdigyState as ScaleByProdigyState
+from funcopt.transforms import ScaleByDadaptAdamState as ScaleByDadaptAdamState
+from funcopt.transforms import ScaleByDogState as ScaleByDogState
+from funcopt.transforms import ScaleByDowgState as ScaleByDowgState
+from funcopt.transforms import ScaleByMomoState as ScaleByMomoState
+
 if hasattr(fast, "native"):  # the optional native backend
     native = fast.native
 

@@ -53,6 +53,27 @@ def clipped_adam(learning_rate=1e-2, max_norm=1.0, max_delta=0.5):
     return funcopt.chain(funcopt.clip_by_global_norm(max_norm), funcopt.clip(max_delta), funcopt.adam(learning_rate))
 
 
+def _alpha_warmup64(count):
+    """AdEMAMix's alpha warmed up linearly to 5 over 20 steps, in float64 from a torch or a JAX count."""
+    c = count.to(torch.float64) if isinstance(count, torch.Tensor) else count.astype("float64")
+    return 5.0 * (c / 20.0).clip(max=1.0)
+
+
+def _warmup64(peak, steps):
+    """A linear warmup from 0 to ``peak`` over ``steps``, in float64 from a torch or a JAX count."""
+
+    def schedule(count):
+        c = count.to(torch.float64) if isinstance(count, torch.Tensor) else count.astype("float64")
+        return peak * (c / steps).clip(max=1.0)
+
+    return schedule
+
+
+def _contrib(name, factory, kwargs, **row):
+    """A row of an optax.contrib optimizer: the same arguments on both sides (funcopt follows optax's names)."""
+    return Row(name, factory, kwargs, optax_name=f"contrib.{factory.__name__}", optax_kwargs=kwargs, **row)
+
+
 # Optimizers whose update is piecewise constant in the gradients (sign): their unrolled
 # gradients are zero almost everywhere, so finite differences check nothing.
 _PIECEWISE_CONSTANT = (funcopt.lion,)
@@ -419,6 +440,64 @@ ROWS: dict[str, Row] = _rows(
         "polyak_sgd_sps_plus",
         funcopt.polyak_sgd, dict(max_learning_rate=0.5, scaling=0.5, f_min=0.0, eps=1e-6, variant="sps+"),
         optax_name="polyak_sgd", optax_kwargs=dict(max_learning_rate=0.5, scaling=0.5, f_min=0.0, eps=1e-6, variant="sps+"),
+        update_extras=("value",),
+    ),
+    # --- optax.contrib (catalog B): each against optax.contrib itself (tests/test_optax_parity.py);
+    # tests/test_catalog_contrib.py adds the schedulefree package, eval params and value= errors.
+    _contrib("schedule_free_adamw", funcopt.schedule_free_adamw, dict(learning_rate=1e-2)),
+    # The warmup rows pass the warmup as a float64 schedule: optax's warmup_steps= builds its
+    # schedule in float32 (an int32 count over an int); test_catalog_contrib.py checks that
+    # funcopt's warmup_steps= equals this schedule.
+    _contrib(
+        "schedule_free_adamw_warmup_decay", funcopt.schedule_free_adamw,
+        dict(learning_rate=_warmup64(2e-2, 5), b1=0.8, b2=0.99, weight_decay=0.01, weight_lr_power=1.0),
+    ),
+    _contrib("schedule_free_sgd", funcopt.schedule_free_sgd, dict(learning_rate=0.05)),
+    _contrib(
+        "schedule_free_sgd_warmup_decay", funcopt.schedule_free_sgd,
+        dict(learning_rate=_warmup64(0.05, 5), b1=0.95, weight_decay=0.01),
+    ),
+    _contrib("adopt", funcopt.adopt, dict(learning_rate=1e-2)),
+    _contrib(
+        "adopt_nesterov_no_clipping", funcopt.adopt,
+        dict(learning_rate=1e-2, b2=0.99, eps=1e-8, nesterov=True, use_clipping=False),
+    ),
+    _contrib("ademamix", funcopt.ademamix, dict(learning_rate=1e-2)),
+    _contrib(
+        "ademamix_decay", funcopt.ademamix,
+        dict(learning_rate=1e-2, b1=0.8, b3=0.999, alpha=3.0, eps_root=1e-9, weight_decay=0.05),
+    ),
+    _contrib("ademamix_alpha_schedule", funcopt.ademamix, dict(learning_rate=1e-2, alpha=_alpha_warmup64)),
+    _contrib("prodigy", funcopt.prodigy, dict()),
+    _contrib(
+        "prodigy_safeguard_decay", funcopt.prodigy,
+        dict(betas=(0.8, 0.99), beta3=0.9, estim_lr0=1e-4, estim_lr_coef=0.5, weight_decay=0.01, safeguard_warmup=True),
+    ),
+    _contrib("dadapt_adamw", funcopt.dadapt_adamw, dict()),
+    _contrib(
+        "dadapt_adamw_decay", funcopt.dadapt_adamw, dict(betas=(0.8, 0.99), eps=1e-6, estim_lr0=1e-4, weight_decay=0.01)
+    ),
+    # optax computes MADGRAD's lambda = (lr + eps) * sqrt(count + 1) in float32 (jnp.sqrt of its
+    # int32 count is float32 even with x64); funcopt keeps float64. With lambda rounded to float32
+    # as optax does, the first 18 steps agree to 1e-15.
+    _contrib("madgrad", funcopt.madgrad, dict(learning_rate=1e-2), optax_rtol=1e-5),
+    _contrib(
+        "madgrad_decay", funcopt.madgrad, dict(learning_rate=2e-2, momentum=0.5, weight_decay=0.01, eps=1e-5),
+        optax_rtol=1e-5,
+    ),
+    _contrib("cocob", funcopt.cocob, dict()),
+    _contrib("cocob_decay", funcopt.cocob, dict(learning_rate=0.5, alpha=10.0, weight_decay=0.01)),
+    _contrib("dog", funcopt.dog, dict()),
+    _contrib(
+        "dog_lr_init_decay", funcopt.dog, dict(init_step=("learning_rate", 1e-2), eps=1e-6, weight_decay=0.01)
+    ),
+    _contrib("dog_distance_init", funcopt.dog, dict(init_step=("distance", 1e-3))),
+    _contrib("dowg", funcopt.dowg, dict()),
+    _contrib("dowg_decay", funcopt.dowg, dict(init_estim_sq_dist=1e-2, eps=1e-6, weight_decay=0.01)),
+    _contrib("momo", funcopt.momo, dict(learning_rate=0.5), update_extras=("value",)),
+    _contrib(
+        "momo_adapt_lower_bound", funcopt.momo,
+        dict(learning_rate=1.0, beta=0.8, lower_bound=-4.0, weight_decay=0.01, adapt_lower_bound=True),
         update_extras=("value",),
     ),
     # --- Compositions: a chain with no fast route; inject_hyperparams around a fast one

@@ -78,6 +78,21 @@ from funcopt.transforms._torch_extra import (
     scale_by_rprop,
 )
 from funcopt.transforms._sparse import scale_by_sparse_adam
+# optax.contrib (catalog B)
+from funcopt.transforms._ademamix import ScaleByAdemamixState, scale_by_ademamix
+from funcopt.transforms._adopt import ScaleByAdoptState, scale_by_adopt
+from funcopt.transforms._cocob import ScaleByCocobState, scale_by_cocob
+from funcopt.transforms._dadapt import ScaleByDadaptAdamState, ScaleByProdigyState, scale_by_dadapt_adam, scale_by_prodigy
+from funcopt.transforms._distance import ScaleByDogState, ScaleByDowgState, scale_by_dog, scale_by_dowg
+from funcopt.transforms._madgrad import ScaleByMadgradState, scale_by_madgrad
+from funcopt.transforms._momo import ScaleByMomoState, scale_by_momo
+from funcopt.transforms._schedule_free import (
+    ScaleByBiasCorrectedRmsState,
+    ScheduleFreeState,
+    scale_by_bias_corrected_rms,
+    schedule_free,
+    schedule_free_eval_params,
+)
 # catalog A: optax's aliases
 from funcopt.transforms._adan import ScaleByAdanState, scale_by_adan
 from funcopt.transforms._belief import ScaleByBeliefState, scale_by_belief
@@ -201,6 +216,30 @@ __all__ = [
     "scale_by_sign",
     "scale_by_sm3",
     "scale_by_yogi",
+    # optax.contrib: schedule-free, ADOPT, AdEMAMix, MADGRAD, COCOB, D-Adaptation, Prodigy, DoG, DoWG, MoMo
+    "ScheduleFreeState",
+    "ScaleByBiasCorrectedRmsState",
+    "ScaleByAdoptState",
+    "ScaleByAdemamixState",
+    "ScaleByMadgradState",
+    "ScaleByCocobState",
+    "ScaleByProdigyState",
+    "ScaleByDadaptAdamState",
+    "ScaleByDogState",
+    "ScaleByDowgState",
+    "ScaleByMomoState",
+    "schedule_free",
+    "schedule_free_eval_params",
+    "scale_by_bias_corrected_rms",
+    "scale_by_adopt",
+    "scale_by_ademamix",
+    "scale_by_madgrad",
+    "scale_by_cocob",
+    "scale_by_prodigy",
+    "scale_by_dadapt_adam",
+    "scale_by_dog",
+    "scale_by_dowg",
+    "scale_by_momo",
     # helpers for writing transformations
     "check_beta",
     "check_learning_rate",

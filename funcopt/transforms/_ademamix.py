@@ -1,0 +1,76 @@
+"""AdEMAMix: Adam's direction plus a slow exponential moving average of the gradients.
+
+Part of ``funcopt.transforms`` (import the block from there or from ``funcopt``). The numerics
+follow ``optax.contrib.scale_by_ademamix`` (optax 0.2.8).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from funcopt import tree as _tree
+from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, check_state, stable_name
+from funcopt.transforms._common import _check_range, _float_step, _lerp, check_beta, check_non_negative, init_count
+
+__all__ = ["ScaleByAdemamixState", "scale_by_ademamix"]
+
+
+@stable_name("funcopt.ScaleByAdemamixState")
+class ScaleByAdemamixState(NamedTuple):
+    """State of :func:`scale_by_ademamix`: count, the fast and slow moving averages ``m1`` and
+    ``m2`` and the second moment ``nu``, each shaped like the params."""
+
+    count: torch.Tensor
+    m1: PyTree
+    m2: PyTree
+    nu: PyTree
+
+
+def scale_by_ademamix(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 6.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
+    """Rescales updates by AdEMAMix (``optax.contrib.scale_by_ademamix``).
+
+    ``m1``, ``m2`` and ``nu`` are moving averages of ``g``, ``g`` and ``g**2`` with decays
+    ``b1``, ``b3`` and ``b2``; returns ``(m1_hat + alpha * m2) / (sqrt(nu_hat + eps_root) + eps)``
+    with Adam's bias corrections on ``m1`` and ``nu`` only. ``b3`` and ``alpha`` may be
+    schedules ``count -> value`` (the paper warms both up), evaluated at the 0-based count.
+
+    References: Pagliardini et al., "The AdEMAMix Optimizer: Better, Faster, Older", 2024,
+    arXiv 2409.03137.
+    """
+    check_beta("b1", b1)
+    check_beta("b2", b2)
+    if not callable(b3):
+        check_beta("b3", b3)
+    if not callable(alpha):
+        _check_range("alpha", alpha)
+    check_non_negative("eps", eps)
+    check_non_negative("eps_root", eps_root)
+
+    def init(params):
+        zeros = _tree.zeros_like
+        return ScaleByAdemamixState(init_count(params), zeros(params), zeros(params), zeros(params))
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, ScaleByAdemamixState, "scale_by_ademamix")
+        c_b3 = b3(state.count) if callable(b3) else b3
+        c_alpha = alpha(state.count) if callable(alpha) else alpha
+        m1 = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.m1, updates, names=("m1", "updates"))
+        m2 = _tree.map(lambda m, g: _lerp(m, g, 1 - c_b3), state.m2, updates)
+        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates)
+        step = _float_step(state.count)
+        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        direction = _tree.map(
+            lambda a, b, v: (a / bc1 + c_alpha * b) / (torch.sqrt(v / bc2 + eps_root) + eps), m1, m2, nu
+        )
+        return direction, ScaleByAdemamixState(state.count + 1, m1, m2, nu)
+
+    return GradientTransformation(init, update)

@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import sys
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -16,6 +14,7 @@ import optree
 import torch
 
 from funcopt.base import PyTree
+from funcopt.checkpoint._crc import crc32_async
 from funcopt.checkpoint._files import remove_stale_temporaries, temp_name
 from funcopt.checkpoint._format import (
     _CRC_ZERO,
@@ -89,28 +88,15 @@ def _alignment(t: torch.Tensor) -> int:
     return t.element_size()
 
 
-def _crc(view: memoryview) -> int:
-    value = 0
-    for start in range(0, len(view), _CHUNK):
-        value = zlib.crc32(view[start:start + _CHUNK], value)
-    return value
-
-
 def _write_tensors(f: Any, tensors: list[tuple[str, torch.Tensor]], records: dict[str, Any]) -> None:
-    """Writes each tensor's bytes to ``f``; for big saves a helper thread computes each CRC-32 while the
-    bytes are written (``zlib.crc32`` and ``write`` both release the GIL)."""
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    pool = ThreadPoolExecutor(1) if total > (8 << 20) else None
-    try:
-        for key, t in tensors:
-            view = _tensor_bytes(t, key)
-            pending = pool.submit(_crc, view) if pool is not None else None
-            for start in range(0, len(view), _CHUNK):
-                f.write(view[start:start + _CHUNK])
-            records[key]["crc32"] = f"{pending.result() if pending is not None else _crc(view):08x}"
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    """Writes each tensor's bytes to ``f`` while helper threads compute its CRC-32 (``zlib.crc32`` and
+    ``write`` both release the GIL)."""
+    for key, t in tensors:
+        view = _tensor_bytes(t, key)
+        pending = crc32_async(view)
+        for start in range(0, len(view), _CHUNK):
+            f.write(view[start:start + _CHUNK])
+        records[key]["crc32"] = f"{pending():08x}"
 
 
 def _os_error(path: str, e: OSError) -> CheckpointError:

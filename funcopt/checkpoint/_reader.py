@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from funcopt.checkpoint._crc import crc32
 from funcopt.checkpoint._format import _BY_CODE, _CRC_KEY, CheckpointError, dtype_name
 from funcopt.checkpoint._validate import check_document, edit_distance
 
@@ -38,8 +39,8 @@ MAX_HEADER = 100 * 1024 * 1024
 """Largest header accepted (safetensors' own limit)."""
 
 _MAGIC = ("funcopt", _CRC_KEY)
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_MIN_BYTES_PER_CONTAINER = 6
+_QUOTED = re.compile(r'"[^"]*"')
+_DICT_BYTES, _LIST_BYTES = 200, 72
 _MAX_DIM = 1 << 62
 
 
@@ -47,16 +48,18 @@ def _is_int(x: Any) -> bool:
     return type(x) is int
 
 
-def json_bounded(text: str, what: str, fail: Any) -> Any:
-    """``json.loads(text)`` after checking that it cannot need more than ~15x its size in memory
-    (at most one object or array per few bytes, outside strings) nor nest beyond the interpreter's limit."""
+def json_bounded(text: str, what: str, fail: Any, factor: int) -> Any:
+    """``json.loads(text)`` after checking that its objects and arrays cannot need more than about
+    ``factor`` times its size in memory (a dict costs ~200 bytes, a list ~72), and converting a
+    nesting deeper than the interpreter allows into an error."""
     if len(text) > 4096:
-        skeleton = _STRING.sub("", text)
-        containers = skeleton.count("{") + skeleton.count("[")
+        # outside strings (escaped quotes dropped first, so every quote left delimits a string)
+        skeleton = _QUOTED.sub("", text.replace("\\\\", "").replace('\\"', ""))
+        objects, arrays = skeleton.count("{"), skeleton.count("[")
         del skeleton
-        if containers * _MIN_BYTES_PER_CONTAINER > len(text):
-            raise fail(f"{what} holds {containers} JSON objects/arrays in {len(text)} bytes, far more than any "
-                       "checkpoint writes: the file is corrupted or forged (refused before parsing).")
+        if _DICT_BYTES * objects + _LIST_BYTES * arrays > factor * len(text):
+            raise fail(f"{what} holds {objects} JSON objects and {arrays} arrays in {len(text)} bytes, far more "
+                       "than any checkpoint writes: the file is corrupted or forged (refused before parsing).")
     try:
         return json.loads(text)
     except RecursionError:
@@ -200,7 +203,7 @@ class Reader:
                 f"{self.file_size - self.data_start}: the file is truncated or has trailing bytes.")
 
     def _parse(self) -> None:
-        header = json_bounded(self._read_header(), "the header", self._fail)
+        header = json_bounded(self._read_header(), "the header", self._fail, 10)
         if not isinstance(header, dict):
             raise self._fail("the header is not a JSON object: not a safetensors checkpoint (wrong header).")
         meta = header.pop("__metadata__", None)
@@ -212,7 +215,7 @@ class Reader:
         self.doc: dict[str, Any] | None = None
         if "funcopt" in meta or _CRC_KEY in meta:
             self._check_header_crc(meta)
-            doc = json_bounded(meta.get("funcopt", ""), "the funcopt metadata", self._fail)
+            doc = json_bounded(meta.get("funcopt", ""), "the funcopt metadata", self._fail, 20)
             self.doc = check_document(doc, self.entries, self._fail)
             self.tree = doc["tree"]
             self.records = doc["tensors"]
@@ -260,7 +263,7 @@ class Reader:
         return buf
 
     def _check(self, view: Any, rec: dict[str, Any], path: str) -> None:
-        if self.verify and "crc32" in rec and f"{zlib.crc32(view):08x}" != rec["crc32"]:
+        if self.verify and "crc32" in rec and f"{crc32(view):08x}" != rec["crc32"]:
             raise self._fail(
                 f"the data of the leaf at {path or '<root>'} fails its checksum: the file is corrupted. "
                 "Restore an older checkpoint (CheckpointManager keeps several).")

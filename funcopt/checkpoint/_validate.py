@@ -22,6 +22,7 @@ __all__ = ["MAX_DEPTH", "check_document", "edit_distance", "render_path"]
 MAX_DEPTH = 128
 """Deepest tree (levels of nested containers) that ``save`` writes and ``load`` reads."""
 
+_FIELDS = frozenset({"format", "version", "torch", "step", "metadata", "tree", "tensors"})
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 _SCALARS: dict[str, Callable[[Any], bool]] = {
     "int": lambda v: type(v) is int,
@@ -140,6 +141,9 @@ def check_document(doc: Any, entries: dict[str, Any], fail: Callable[[str], Chec
     """
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise fail("the funcopt metadata does not describe a funcopt checkpoint (wrong header).")
+    unknown = sorted(str(k) for k in doc if k not in _FIELDS)
+    if unknown:
+        raise fail(f"the funcopt metadata has unknown fields {unknown[:5]}: the header is corrupted or forged.")
     version = doc.get("version")
     if type(version) is not int or version < 1:
         raise fail(f"the funcopt metadata has an invalid format version {version!r}: the header is corrupted.")

@@ -128,6 +128,27 @@ from funcopt.transforms import MultiTransformState as MultiTransformState
 from funcopt.transforms import set_to_zero as set_to_zero
 from funcopt.transforms import add_noise as add_noise
 from funcopt.transforms import AddNoiseState as AddNoiseState
+from funcopt.transforms import adaptive_grad_clip as adaptive_grad_clip
+from funcopt.transforms import centralize as centralize
+from funcopt.transforms import clip_by_block_rms as clip_by_block_rms
+from funcopt.transforms import normalize as normalize
+from funcopt.transforms import normalize_by_update_norm as normalize_by_update_norm
+from funcopt.transforms import per_example_global_norm_clip as per_example_global_norm_clip
+from funcopt.transforms import unitwise_norm as unitwise_norm
+from funcopt.transforms import EmaParamsState as EmaParamsState
+from funcopt.transforms import ema_params as ema_params
+from funcopt.transforms import ema_params_of as ema_params_of
+from funcopt.transforms import LookaheadParams as LookaheadParams
+from funcopt.transforms import LookaheadState as LookaheadState
+from funcopt.transforms import lookahead as lookahead
+from funcopt.transforms import lookahead_slow_params as lookahead_slow_params
+from funcopt.transforms import SkipUpdatesState as SkipUpdatesState
+from funcopt.transforms import ZeroNansState as ZeroNansState
+from funcopt.transforms import keep_params_nonnegative as keep_params_nonnegative
+from funcopt.transforms import skip_large_updates as skip_large_updates
+from funcopt.transforms import skip_not_finite as skip_not_finite
+from funcopt.transforms import skip_updates_if as skip_updates_if
+from funcopt.transforms import zero_nans as zero_nans
 
 # catalog A: optax's aliases and their blocks
 from funcopt.optimizers import adabelief as adabelief

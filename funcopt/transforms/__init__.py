@@ -61,6 +61,26 @@ from funcopt.transforms._masking import (
 )
 from funcopt.transforms._plateau import ReduceOnPlateauState, reduce_on_plateau
 from funcopt.transforms._noise import AddNoiseState, add_noise
+from funcopt.transforms._clipping_extra import (
+    adaptive_grad_clip,
+    centralize,
+    clip_by_block_rms,
+    normalize,
+    normalize_by_update_norm,
+    per_example_global_norm_clip,
+    unitwise_norm,
+)
+from funcopt.transforms._ema_params import EmaParamsState, ema_params, ema_params_of
+from funcopt.transforms._lookahead import LookaheadParams, LookaheadState, lookahead, lookahead_slow_params
+from funcopt.transforms._sanitize import (
+    SkipUpdatesState,
+    ZeroNansState,
+    keep_params_nonnegative,
+    skip_large_updates,
+    skip_not_finite,
+    skip_updates_if,
+    zero_nans,
+)
 from funcopt.transforms._orthogonal import (
     MUON_NS_COEFFICIENTS,
     ScaleByMuonState,
@@ -193,9 +213,30 @@ __all__ = [
     "scale_by_rprop",
     "scale_by_asgd",
     "asgd_averaged_params",
-    # catalog C: noise
+    # catalog C: wrappers and blocks optax users expect
     "AddNoiseState",
     "add_noise",
+    "adaptive_grad_clip",
+    "centralize",
+    "clip_by_block_rms",
+    "normalize",
+    "normalize_by_update_norm",
+    "per_example_global_norm_clip",
+    "unitwise_norm",
+    "EmaParamsState",
+    "ema_params",
+    "ema_params_of",
+    "LookaheadParams",
+    "LookaheadState",
+    "lookahead",
+    "lookahead_slow_params",
+    "SkipUpdatesState",
+    "ZeroNansState",
+    "keep_params_nonnegative",
+    "skip_large_updates",
+    "skip_not_finite",
+    "skip_updates_if",
+    "zero_nans",
     # catalog A: optax's aliases
     "ScaleByAdanState",
     "ScaleByAmsgradState",

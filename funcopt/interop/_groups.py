@@ -157,14 +157,16 @@ class FactorySource:
             else:
                 self.static[k] = v
         self.zero = {k for k, v in self.hyper.items() if v == 0}
+        self.current = dict(self.hyper)
         self._cache: tuple[tuple[float, ...], GradientTransformation] | None = None
         self.build(self.hyper)  # range checks now, with the values given
 
     def keys(self, values: Mapping[str, float] | None = None) -> dict[str, Any]:
         """The param-group entries: hyperparameters under torch's keys, plain static ones as they are."""
         values = self.hyper if values is None else values
-        out: dict[str, Any] = {TORCH_KEY.get(k, k): v for k, v in values.items()}
-        if "b1" in values and "b2" in values:
+        betas = "b1" in values and "b2" in values  # shown as torch's 'betas' only
+        out: dict[str, Any] = {TORCH_KEY.get(k, k): v for k, v in values.items() if not (betas and k in ("b1", "b2"))}
+        if betas:
             out["betas"] = (values["b1"], values["b2"])
         for k, v in self.static.items():
             if k != "mask" and (v is None or isinstance(v, (bool, int, str))):
@@ -172,18 +174,20 @@ class FactorySource:
         return out
 
     def read(self, group: Mapping[str, Any], written: Mapping[str, Any], where: str) -> dict[str, float]:
-        """The hyperparameters the group holds now (a scheduler or the user may have written them)."""
-        values = dict(self.hyper)
+        """The hyperparameters the group holds now (a scheduler or the user may have written them
+        since ``written`` was published); they become the current values."""
+        values = dict(self.current)
         for k in self.hyper:
             key = TORCH_KEY.get(k, k)
             if key in group and not same(group[key], written.get(key)):
                 values[k] = self._number(group[key], key, where)
-        if "betas" in group and not same(group["betas"], written.get("betas")):
-            b1, b2 = group["betas"]
-            if same(group.get("b1"), written.get("b1")):
-                values["b1"] = self._number(b1, "betas", where)
-            if same(group.get("b2"), written.get("b2")):
-                values["b2"] = self._number(b2, "betas", where)
+        if "betas" in written and not same(group.get("betas"), written["betas"]):
+            try:
+                b1, b2 = group["betas"]
+            except (KeyError, TypeError, ValueError):
+                raise FuncoptError(f"{where}['betas'] must be a pair (b1, b2), got {group.get('betas')!r}.") from None
+            values["b1"] = self._number(b1, "betas", where)
+            values["b2"] = self._number(b2, "betas", where)
         for k in self.static:
             key = TORCH_KEY.get(k, k)
             if key in written and key in group and not same(group[key], written[key]):
@@ -192,6 +196,7 @@ class FactorySource:
                     f"structure of {self.name}'s state and is fixed when the optimizer is built. Build a new "
                     "optimizer (or a new param group with add_param_group) with the new value."
                 )
+        self.current = values
         return values
 
     @staticmethod
@@ -244,8 +249,8 @@ class BuiltSource:
         for name in sorted(hp):
             v = hp[name]
             out[TORCH_KEY.get(name, name)] = float(v) if v.dim() == 0 else v.detach().clone()
-        if "b1" in hp and "b2" in hp:
-            out["betas"] = (out["b1"], out["b2"])
+        if "b1" in hp and "b2" in hp:  # shown as torch's 'betas' only
+            out["betas"] = (out.pop("b1"), out.pop("b2"))
         return out
 
     def apply(self, state: Any, group: Mapping[str, Any], written: Mapping[str, Any], where: str) -> Any:
@@ -266,10 +271,8 @@ class BuiltSource:
             key = TORCH_KEY.get(name, name)
             if key in group and not same(group[key], written.get(key)):
                 changes[name] = group[key]
-        if "betas" in group and not same(group["betas"], written.get("betas")):
-            b1, b2 = group["betas"]
-            changes.setdefault("b1", b1)
-            changes.setdefault("b2", b2)
+        if "betas" in written and not same(group.get("betas"), written["betas"]):
+            changes["b1"], changes["b2"] = group["betas"]
         if not changes:
             return state
         # Python floats go through float64 so that no precision is lost on the way in.

@@ -1,0 +1,213 @@
+"""Operating-system hazards around checkpoint files: a full disk, FIFOs and devices, stale
+temporary files, two writers on one CheckpointManager directory, memory-mapped loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import funcopt.checkpoint as ck
+from funcopt.__main__ import main as cli
+from funcopt.checkpoint import CheckpointError, CheckpointManager
+
+
+def _tree(n: int, value: float = 1.0):
+    return {"x": torch.full((n,), value), "count": torch.tensor(3)}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount); skipped with the reason otherwise."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_raises_checkpoint_error_and_keeps_the_previous_checkpoint(small_tmpfs):
+    f = small_tmpfs / "c.safetensors"
+    ck.save(f, _tree(1000, 1.0))  # 4 KB
+    before = f.read_bytes()
+    with pytest.raises(CheckpointError, match=f"cannot write the checkpoint {f}: .*disk is full.*intact"):
+        ck.save(f, _tree(400_000, 2.0))  # 1.6 MB: does not fit
+    assert f.read_bytes() == before and os.listdir(small_tmpfs) == ["c.safetensors"]
+    assert torch.equal(ck.load(f)["x"], torch.ones(1000))
+    # the same through a CheckpointManager: the newest checkpoint stays loadable, nothing is pruned
+    mgr = CheckpointManager(small_tmpfs / "run", max_to_keep=1)
+    mgr.save(1, _tree(1000, 1.0))
+    with pytest.raises(CheckpointError, match="disk is full"):
+        mgr.save(2, _tree(400_000, 2.0))
+    assert mgr.all_steps() == [1] and torch.equal(mgr.restore()["x"], torch.ones(1000))
+    assert sorted(os.listdir(small_tmpfs / "run")) == [".ckpt.lock", "ckpt_0000000001.safetensors"]
+
+
+def test_other_os_errors_name_the_file(tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "x").write_text("x")  # the rename onto a non-empty directory fails
+    with pytest.raises(CheckpointError, match=f"cannot write the checkpoint {target}: .*intact"):
+        ck.save(target, _tree(4))
+    assert sorted(os.listdir(tmp_path)) == ["taken"] and os.listdir(target) == ["x"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_and_devices_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    code = (
+        "import sys, funcopt.checkpoint as ck\n"
+        "from funcopt.__main__ import main\n"
+        f"p = {str(fifo)!r}\n"
+        "for call in (lambda: ck.load(p), lambda: ck.load(p, like={'x': 1}), lambda: ck.inspect(p)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ck.CheckpointError as e:\n"
+        "        assert 'FIFO' in str(e) and p in str(e), e\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "assert main(['inspect', p]) == 1\n"
+        "print('ok')\n"
+    )
+    # a hang would block open(); run in a child with a timeout so the test cannot hang
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    if os.path.exists("/dev/zero"):
+        with pytest.raises(CheckpointError, match="is a device"):
+            ck.load("/dev/zero")
+    assert cli(["inspect", str(tmp_path)]) == 1  # a directory
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_are_removed_by_the_next_save_and_live_ones_kept(tmp_path):
+    from funcopt.checkpoint._files import _HOST
+
+    dead, live = _dead_pid(), os.getppid()
+    names = {
+        f".a.safetensors.funcopt-tmp-{dead}-{_HOST}-0123abcd": False,  # killed writer on this host: removed
+        f".b.safetensors.tmp-{dead}-89abcdef": False,  # a 0.1.0 temporary of a dead process: removed
+        f".c.safetensors.funcopt-tmp-{live}-{_HOST}-0123abcd": True,  # a live writer's: kept
+        f".d.safetensors.funcopt-tmp-{dead}-00000000-0123abcd": True,  # another host's, recent: kept
+        ".e.safetensors.tmp-notours": True,  # not funcopt's pattern: kept
+        "notes.txt": True,
+    }
+    old = f".f.safetensors.funcopt-tmp-{live}-00000000-0123abcd"  # untouched for 2 hours: removed
+    for name in [*names, old]:
+        (tmp_path / name).write_bytes(b"partial")
+    past = time.time() - 7200
+    os.utime(tmp_path / old, (past, past))
+    ck.save(tmp_path / "new.safetensors", _tree(4))
+    kept = set(os.listdir(tmp_path))
+    assert kept == {n for n, keep in names.items() if keep} | {"new.safetensors"}
+    # a CheckpointManager cleans its directory when created
+    (tmp_path / names_dead(dead)).write_bytes(b"partial")
+    CheckpointManager(tmp_path)
+    assert names_dead(dead) not in os.listdir(tmp_path)
+
+
+def names_dead(pid: int) -> str:
+    from funcopt.checkpoint._files import _HOST
+
+    return f".ckpt_0000000005.safetensors.funcopt-tmp-{pid}-{_HOST}-deadbeef"
+
+
+_WRITER = """
+import sys, time, torch
+import funcopt.checkpoint as ck
+mgr = ck.CheckpointManager(sys.argv[1], max_to_keep=2)
+mgr.save(100, {"x": torch.ones(3)})
+print("saved", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_and_readers_keep_working(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        mine = CheckpointManager(tmp_path, max_to_keep=2)
+        assert mine.latest_step() == 100 and torch.equal(mine.restore()["x"], torch.ones(3))  # reading works
+        with pytest.raises(CheckpointError, match=rf"another writer, process {proc.pid} on host .*holds .*\.ckpt\.lock"):
+            mine.save(101, {"x": torch.zeros(3)})
+        assert mine.all_steps() == [100]
+        other = CheckpointManager(tmp_path, prefix="other")  # another prefix is another lock
+        other.save(1, {"x": torch.zeros(3)})
+    finally:
+        proc.kill()
+        proc.wait()
+    # the writer died: its lock is stale and the next writer takes it over
+    mine.save(101, {"x": torch.zeros(3)})
+    assert mine.all_steps() == [100, 101]
+    with open(tmp_path / ".ckpt.lock") as f:
+        assert f.read().split()[0] == str(os.getpid())
+    # two managers in one process: the second is refused until the first closes
+    second = CheckpointManager(tmp_path, max_to_keep=2)
+    with pytest.raises(CheckpointError, match="another writer"):
+        second.save(102, {"x": torch.zeros(3)})
+    mine.close()
+    second.save(102, {"x": torch.zeros(3)})
+    assert second.all_steps() == [101, 102]
+
+
+def test_mapped_loads_are_private_copies(tmp_path):
+    f = tmp_path / "m.safetensors"
+    tree = {"a": torch.arange(6.0), "b": torch.ones(3, dtype=torch.int8), "c": torch.tensor(2.0, dtype=torch.float64)}
+    ck.save(f, tree)
+    before = f.read_bytes()
+    mapped, copied = ck.load(f), ck.load(f, mmap=False)
+    for k in tree:
+        assert torch.equal(mapped[k], tree[k]) and torch.equal(copied[k], tree[k])
+    mapped["a"].add_(1)  # copy-on-write: the file never changes
+    assert f.read_bytes() == before and torch.equal(ck.load(f)["a"], torch.arange(6.0))
+    # saving over the file while mapped tensors live is safe (a new file is renamed into place)
+    ck.save(f, {"a": torch.zeros(6), "b": torch.zeros(3, dtype=torch.int8), "c": torch.tensor(0.0, dtype=torch.float64)})
+    assert torch.equal(mapped["a"], torch.arange(6.0) + 1) and torch.equal(mapped["b"], torch.ones(3, dtype=torch.int8))
+
+
+def test_saved_tensors_are_aligned_for_mapping(tmp_path):
+    import json
+
+    f = tmp_path / "al.safetensors"
+    tree = {"i8": torch.ones(3, dtype=torch.int8), "f16": torch.ones(3, dtype=torch.float16),
+            "f64": torch.ones(3, dtype=torch.float64), "c128": torch.ones(1, dtype=torch.complex128), "f32": torch.ones(1)}
+    ck.save(f, tree)
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    assert (8 + n) % 8 == 0
+    for key, entry in header.items():
+        if key != "__metadata__":
+            size = {"I8": 1, "F16": 2, "F64": 8, "F32": 4}[entry["dtype"]]
+            assert (8 + n + entry["data_offsets"][0]) % size == 0, key
+    out = ck.load(f)
+    for k in tree:
+        assert torch.equal(out[k], tree[k])
+
+
+def test_save_refuses_trees_deeper_than_the_reader_accepts(tmp_path):
+    from funcopt.checkpoint._validate import MAX_DEPTH
+
+    ok = None
+    for _ in range(MAX_DEPTH):
+        ok = [ok]
+    ck.save(tmp_path / "ok.safetensors", ok)
+    assert ck.load(tmp_path / "ok.safetensors") == ok
+    with pytest.raises(CheckpointError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        ck.save(tmp_path / "deep.safetensors", [ok])
+    assert not (tmp_path / "deep.safetensors").exists()

@@ -16,6 +16,7 @@ SMALLEST = {
     "bench_step.py": ["--quick", "--rounds", "1", "--sizes", "S3"],
     "bench_catalog.py": ["--quick", "--rounds", "1", "--sizes", "S3"],
     "bench_checkpoint.py": ["--fast", "--dir", "{tmp}"],
+    "bench_fsdp.py": ["--width", "64", "--depth", "2", "--rounds", "1", "--steps", "1", "--worlds", "1", "2"],
     "bench_hypergrad.py": ["--skip-accuracy", "--rounds", "1", "--warmup", "0"],
     "bench_lbfgs.py": ["--fast", "--repeats", "1"],
     "bench_lr_finder.py": ["--quick"],

@@ -103,6 +103,7 @@ def apply_updates_(model: torch.nn.Module, updates: PyTree) -> None:
             f"apply_updates_: {extra[:5]} are not trainable parameters of the module. Pass the "
             "updates of tx.update(module_grads(model), state, module_params(model))."
         )
+    targets, sources = [], []
     with torch.no_grad():
         for k, u in updates.items():
             p = own[k]
@@ -111,9 +112,17 @@ def apply_updates_(model: torch.nn.Module, updates: PyTree) -> None:
                     f"apply_updates_: the update [{k!r}] has shape {tuple(u.shape)}, the parameter "
                     f"{tuple(p.shape)}."
                 )
-            if is_dtensor(p) and is_dtensor(u) and tuple(u.placements) != tuple(p.placements):
-                u = u.redistribute(p.device_mesh, p.placements)
-            p.add_(u.to(p.dtype) if u.dtype != p.dtype else u)
+            if is_dtensor(p) and is_dtensor(u):
+                if tuple(u.placements) != tuple(p.placements):
+                    u = u.redistribute(p.device_mesh, p.placements)
+                p, u = p.to_local(), u.to_local()  # shards alike: add locally, one multi-tensor add
+            if not is_dtensor(p) and not is_dtensor(u) and p.dtype == u.dtype and p.device == u.device:
+                targets.append(p)
+                sources.append(u)
+            else:
+                p.add_(u.to(p.dtype))
+        if targets:
+            torch._foreach_add_(targets, sources)
 
 
 def module_step(tx: GradientTransformation, state: Any, model: torch.nn.Module) -> Any:

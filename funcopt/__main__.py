@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 
@@ -32,10 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(dataclasses.asdict(info), indent=2, default=str))
-    else:
-        print(info)
+    for line in info.json_lines() if args.json else info.lines():
+        sys.stdout.write(line + "\n")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,23 +132,38 @@ class CheckpointInfo:
     def tensor_bytes(self) -> int:
         return sum(leaf.nbytes for leaf in self.leaves)
 
-    def __str__(self) -> str:
+    def lines(self) -> Iterator[str]:
+        """The lines of ``str(self)``, one at a time (a table of many leaves is never built whole)."""
         kind = f"funcopt checkpoint v{self.version}" if self.funcopt else "plain safetensors file"
-        lines = [f"{self.path}: {kind}, {_human(self.file_size)}"
-                 + (f", torch {self.torch_version}" if self.torch_version else "")]
-        lines.append(f"step: {self.step if self.step is not None else '-'}")
-        lines.append(f"metadata: {json.dumps(self.metadata, sort_keys=True)}")
-        width = max([len(leaf.path) for leaf in self.leaves] + [4])
-        lines.append(f"{'path':<{width}}  {'dtype':<10} {'shape':<18} {'size':>9}  device")
+        yield (f"{self.path}: {kind}, {_human(self.file_size)}"
+               + (f", torch {self.torch_version}" if self.torch_version else ""))
+        yield f"step: {self.step if self.step is not None else '-'}"
+        yield f"metadata: {json.dumps(self.metadata, sort_keys=True)}"
+        width = min(max([len(leaf.path) for leaf in self.leaves] + [4]), 120)
+        yield f"{'path':<{width}}  {'dtype':<10} {'shape':<18} {'size':>9}  device"
         for leaf in self.leaves:
             if leaf.kind == "tensor":
                 shape = str(tuple(leaf.shape)) if leaf.shape is not None else ""
-                lines.append(f"{leaf.path:<{width}}  {leaf.dtype:<10} {shape:<18} "
-                             f"{_human(leaf.nbytes):>9}  {leaf.device}")
+                yield f"{leaf.path:<{width}}  {leaf.dtype:<10} {shape:<18} {_human(leaf.nbytes):>9}  {leaf.device}"
             else:
-                lines.append(f"{leaf.path:<{width}}  {leaf.dtype:<10} = {leaf.value!r}")
-        lines.append(f"total: {self.num_tensors} tensors, {_human(self.tensor_bytes)}")
-        return "\n".join(lines)
+                yield f"{leaf.path:<{width}}  {leaf.dtype:<10} = {leaf.value!r}"
+        yield f"total: {self.num_tensors} tensors, {_human(self.tensor_bytes)}"
+
+    def json_lines(self) -> Iterator[str]:
+        """A JSON document of every field, streamed: one line per leaf (what ``inspect --json`` prints)."""
+        head = {name: getattr(self, name) for name in
+                ("path", "file_size", "funcopt", "version", "torch_version", "step", "metadata")}
+        yield json.dumps(head, default=str)[:-1] + ', "leaves": ['
+        last = len(self.leaves) - 1
+        for i, leaf in enumerate(self.leaves):
+            fields = {"path": leaf.path, "kind": leaf.kind, "dtype": leaf.dtype,
+                      "shape": None if leaf.shape is None else list(leaf.shape), "nbytes": leaf.nbytes,
+                      "device": leaf.device, "value": leaf.value}
+            yield "  " + json.dumps(fields, default=str) + ("," if i < last else "")
+        yield "]}"
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
 
 # ---------------------------------------------------------------------------------------------

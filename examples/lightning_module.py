@@ -1,9 +1,10 @@
 """A funcopt optimizer inside PyTorch Lightning, through `funcopt.as_torch_optimizer`.
 
-`configure_optimizers` returns `as_torch_optimizer(tx, self)`: a real torch.optim.Optimizer
-that runs the funcopt transformation (here AdamW with its hyperparameters injected into the
-state, so Lightning's StepLR scheduler drives the learning rate). Lightning saves its state in
-the checkpoint and restores it on resume like any torch optimizer.
+`configure_optimizers` is the torch.optim one with one line changed: `as_torch_optimizer(funcopt.adamw,
+param_groups, lr=..., weight_decay=...)` instead of `torch.optim.AdamW(param_groups, ...)`, with
+torch-style param groups (weight decay on the weight matrices only) and a warmup LambdaLR
+stepped every batch. Gradient clipping is Lightning's own (`gradient_clip_val`). Lightning saves
+the optimizer's state in the checkpoint and restores it on resume like any torch optimizer.
 
     pip install lightning            # optional: without it this script says so and exits 0
     python examples/lightning_module.py
@@ -62,15 +63,15 @@ if L is not None:
             self.log("val_acc", acc, prog_bar=True)
 
         def configure_optimizers(self):
-            tx = funcopt.chain(
-                funcopt.clip_by_global_norm(1.0),
-                funcopt.inject_hyperparams(funcopt.adamw)(
-                    learning_rate=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-                ),
-            )
-            optimizer = funcopt.as_torch_optimizer(tx, self)
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+            decay = [p for p in self.parameters() if p.dim() >= 2]
+            no_decay = [p for p in self.parameters() if p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": self.hparams.weight_decay},
+                      {"params": no_decay, "weight_decay": 0.0}]
+            # was: torch.optim.AdamW(groups, lr=self.hparams.learning_rate, betas=(0.9, 0.95))
+            optimizer = funcopt.as_torch_optimizer(funcopt.adamw, groups, lr=self.hparams.learning_rate, betas=(0.9, 0.95))
+            warmup = lambda step: min(1.0, (step + 1) / 20) * 0.999**step  # linear warmup, then slow decay
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def make_trainer(max_epochs: int, fast: bool, out: str) -> L.Trainer:
@@ -82,6 +83,7 @@ def make_trainer(max_epochs: int, fast: bool, out: str) -> L.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=not fast,
         enable_model_summary=False,
+        gradient_clip_val=1.0,
         limit_train_batches=5 if fast else 1.0,
         limit_val_batches=2 if fast else 1.0,
         default_root_dir=out,
@@ -110,7 +112,7 @@ def main() -> int:
     ckpt = os.path.join(args.out, "lightning_demo.ckpt")
     trainer.save_checkpoint(ckpt)
     optimizer = trainer.optimizers[0]
-    steps = int(optimizer.funcopt_state[1].count)  # the InjectHyperparamsState of the chain
+    steps = int(optimizer.funcopt_state[0][0].count)  # group 0's ScaleByAdamState
     print(
         f"trained {epochs} epochs ({steps} funcopt steps): val_acc {trainer.callback_metrics['val_acc']:.3f}, "
         f"lr now {optimizer.param_groups[0]['lr']:.2e}"
@@ -121,7 +123,7 @@ def main() -> int:
     trainer2 = make_trainer(epochs + 1, args.fast, args.out)
     trainer2.fit(resumed, train_loader, val_loader, ckpt_path=ckpt)
     restored = trainer2.optimizers[0]
-    more = int(restored.funcopt_state[1].count)
+    more = int(restored.funcopt_state[0][0].count)
     print(f"resumed for 1 epoch: the funcopt step count went {steps} -> {more}, lr {restored.param_groups[0]['lr']:.2e}")
     if more <= steps:
         print("error: the optimizer state was not restored", file=sys.stderr)

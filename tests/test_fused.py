@@ -17,6 +17,7 @@ from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
 
 NAMES = registry.names(fast=True)  # the rows whose optimizer takes a declared fast route
+VALUE = torch.tensor(1.0, dtype=torch.float64)  # the loss given to rows that read value=
 
 
 def _grads(params, seed):
@@ -24,13 +25,14 @@ def _grads(params, seed):
     return tree.map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), params)
 
 
-def _run(tx, params, steps, fast, start=0, state=None):
+def _run(tx, params, steps, fast, start=0, state=None, extras=None):
+    """``extras``: registry.update_kwargs(name, VALUE) for rows whose update reads the loss."""
     state = tx.init(params) if state is None else state
     for i in range(start, start + steps):
         grads = _grads(params, i)
         with fused.fast_path_enabled(fast):
             assert fused.fast_path_applies(tx, grads, state, params) == fast
-            updates, state = tx.update(grads, state, params)
+            updates, state = tx.update(grads, state, params, **(extras or {}))
         params = funcopt.apply_updates(params, updates)
     return params, state
 
@@ -39,8 +41,9 @@ def _run(tx, params, steps, fast, start=0, state=None):
 @pytest.mark.parametrize("name", NAMES)
 def test_fast_path_equals_reference_path(name, dtype):
     params = nested_params(dtype)
-    fast = _run(registry.make(name), params, 4, fast=True)
-    ref = _run(registry.make(name), params, 4, fast=False)
+    kw = registry.update_kwargs(name, VALUE)
+    fast = _run(registry.make(name), params, 4, fast=True, extras=kw)
+    ref = _run(registry.make(name), params, 4, fast=False, extras=kw)
     tol = 2e-6 if dtype == torch.float32 else 1e-13
     assert_trees_close(fast, ref, rtol=tol, atol=tol)
     # Same pytree types and structure: checkpoints and vmap do not depend on the path.
@@ -52,10 +55,11 @@ def test_fast_path_equals_reference_path(name, dtype):
 def test_switching_paths_mid_run(name):
     params = nested_params()
     tx = registry.make(name)
-    p, s = _run(tx, params, 2, fast=True)
-    p, s = _run(tx, p, 2, fast=False, start=2, state=s)
-    p, s = _run(tx, p, 1, fast=True, start=4, state=s)
-    expected = _run(tx, params, 5, fast=False)
+    kw = registry.update_kwargs(name, VALUE)
+    p, s = _run(tx, params, 2, fast=True, extras=kw)
+    p, s = _run(tx, p, 2, fast=False, start=2, state=s, extras=kw)
+    p, s = _run(tx, p, 1, fast=True, start=4, state=s, extras=kw)
+    expected = _run(tx, params, 5, fast=False, extras=kw)
     assert_trees_close((p, s), expected, rtol=1e-13, atol=1e-13)
 
 
@@ -63,12 +67,13 @@ def test_switching_paths_mid_run(name):
 def test_fast_update_never_writes_into_its_inputs(name):
     params = nested_params()
     tx = registry.make(name)
-    params, state = _run(tx, params, 2, fast=True)
+    kw = registry.update_kwargs(name, VALUE)
+    params, state = _run(tx, params, 2, fast=True, extras=kw)
     grads = _grads(params, 9)
     before = snapshot((grads, state, params))
     versions = [x._version for x in tree.leaves((grads, state, params))]
     assert fused.fast_path_applies(tx, grads, state, params)
-    updates, new_state = tx.update(grads, state, params)
+    updates, new_state = tx.update(grads, state, params, **kw)
     assert_trees_equal((grads, state, params), before)
     assert versions == [x._version for x in tree.leaves((grads, state, params))]
     # The outputs share no memory with the inputs.
@@ -79,8 +84,9 @@ def test_fast_update_never_writes_into_its_inputs(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_mixed_float32_and_float64_leaves_run_fast_per_dtype(name):
     params = {"a": torch.randn(5, dtype=torch.float32), "b": torch.randn(3, 2, dtype=torch.float64)}
-    fast = _run(registry.make(name), params, 3, fast=True)
-    ref = _run(registry.make(name), params, 3, fast=False)
+    kw = registry.update_kwargs(name, VALUE)
+    fast = _run(registry.make(name), params, 3, fast=True, extras=kw)
+    ref = _run(registry.make(name), params, 3, fast=False, extras=kw)
     assert_trees_close(fast, ref, rtol=2e-6, atol=1e-7)
     assert fast[0]["a"].dtype == torch.float32 and fast[0]["b"].dtype == torch.float64
 

@@ -16,6 +16,9 @@ from tests import registry
 from tests.helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_params, snapshot
 
 NAMES = registry.names()
+# The loss the batteries that feed random gradients pass as ``value=`` to rows that take it
+# (registry.update_kwargs; e.g. polyak_sgd's step size reads it).
+VALUE = torch.tensor(1.0, dtype=torch.float64)
 
 
 def _grads_like(params, seed=1):
@@ -23,10 +26,10 @@ def _grads_like(params, seed=1):
     return tree.map(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype), params)
 
 
-def _steps(tx, params, n, seed=1, state=None):
+def _steps(tx, params, n, seed=1, state=None, extras=None):
     state = tx.init(params) if state is None else state
     for i in range(n):
-        updates, state = tx.update(_grads_like(params, seed + i), state, params)
+        updates, state = tx.update(_grads_like(params, seed + i), state, params, **(extras or {}))
         params = funcopt.apply_updates(params, updates)
     return params, state
 
@@ -39,7 +42,8 @@ def test_decreases_a_loss(name):
     state = tx.init(params)
     start = loss_fn(params)
     for _ in range(100):
-        updates, state = tx.update(torch.func.grad(objective)(params), state, params)
+        grads, value = torch.func.grad_and_value(objective)(params)
+        updates, state = tx.update(grads, state, params, **registry.update_kwargs(name, value))
         params = funcopt.apply_updates(params, updates)
     assert loss_fn(params) < start * 0.9
 
@@ -48,11 +52,12 @@ def test_decreases_a_loss(name):
 def test_update_never_mutates_its_inputs(name):
     params = nested_params()
     tx = registry.make(name)
-    params, state = _steps(tx, params, 2)
+    extras = registry.update_kwargs(name, VALUE)
+    params, state = _steps(tx, params, 2, extras=extras)
     grads = _grads_like(params, seed=9)
     before = snapshot((grads, state, params))
     versions = [x._version for x in tree.leaves((grads, state, params))]
-    tx.update(grads, state, params)
+    tx.update(grads, state, params, **extras)
     assert_trees_equal((grads, state, params), before)
     assert versions == [x._version for x in tree.leaves((grads, state, params))], "an input was written in place"
     params_before = snapshot(params)
@@ -64,7 +69,7 @@ def test_update_never_mutates_its_inputs(name):
 def test_state_is_plain_containers_of_tensors(name):
     params = nested_params()
     tx = registry.make(name)
-    _, state = _steps(tx, params, 1)
+    _, state = _steps(tx, params, 1, extras=registry.update_kwargs(name, VALUE))
 
     def check(node, where="state"):
         if isinstance(node, torch.Tensor) or node is None:
@@ -100,8 +105,8 @@ def test_accepts_and_ignores_extra_arguments(name):
     tx = registry.make(name)
     state = tx.init(params)
     grads = _grads_like(params)
-    plain, _ = tx.update(grads, state, params)
-    extra, _ = tx.update(grads, state, params, value=torch.tensor(1.0), some_future_arg="x")
+    plain, _ = tx.update(grads, state, params, **registry.update_kwargs(name, VALUE))
+    extra, _ = tx.update(grads, state, params, value=VALUE, some_future_arg="x")
     assert_trees_equal(extra, plain)
 
 
@@ -109,7 +114,7 @@ def test_accepts_and_ignores_extra_arguments(name):
 def test_keeps_param_dtypes(name):
     params = {"h": torch.randn(3, dtype=torch.float16), "f": torch.randn(2, 2), "d": torch.randn(2, dtype=torch.float64)}
     tx = registry.make(name)
-    new_params, _ = _steps(tx, params, 2)
+    new_params, _ = _steps(tx, params, 2, extras=registry.update_kwargs(name, VALUE))
     for k in params:
         assert new_params[k].dtype == params[k].dtype
         assert torch.isfinite(new_params[k]).all()
@@ -122,11 +127,12 @@ def test_vmap_over_an_ensemble_equals_a_loop(name):
     members = [nested_params(seed=s) for s in range(k)]
     grads = [[_grads_like(m, seed=10 * s + i) for i in range(3)] for s, m in enumerate(members)]
     tx = registry.make(name)
+    extras = registry.update_kwargs(name, VALUE)
 
     def run_one(params, grad_seq):
         state = tx.init(params)
         for g in grad_seq:
-            updates, state = tx.update(g, state, params)
+            updates, state = tx.update(g, state, params, **extras)
             params = funcopt.apply_updates(params, updates)
         return params, state
 
@@ -134,7 +140,7 @@ def test_vmap_over_an_ensemble_equals_a_loop(name):
 
     stacked = tree.stack(members)
     state = torch.func.vmap(tx.init)(stacked)
-    step = torch.func.vmap(lambda g, s, p: tx.update(g, s, p))
+    step = torch.func.vmap(lambda g, s, p: tx.update(g, s, p, **extras))
     for i in range(3):
         updates, state = step(tree.stack([gs[i] for gs in grads]), state, stacked)
         stacked = funcopt.apply_updates(stacked, updates)
@@ -153,7 +159,8 @@ def test_grad_through_three_unrolled_steps_matches_finite_differences(name):
     def unrolled(params):
         state = tx.init(params)
         for _ in range(3):
-            updates, state = tx.update(torch.func.grad(loss_fn)(params), state, params)
+            grads, value = torch.func.grad_and_value(loss_fn)(params)
+            updates, state = tx.update(grads, state, params, **registry.update_kwargs(name, value))
             params = funcopt.apply_updates(params, updates)
         return loss_fn(params)
 
@@ -174,7 +181,8 @@ def test_sign_based_optimizers_are_differentiable_under_grad(name):
 
     def unrolled(params):
         state = tx.init(params)
-        updates, state = tx.update(torch.func.grad(loss_fn)(params), state, params)
+        grads, value = torch.func.grad_and_value(loss_fn)(params)
+        updates, state = tx.update(grads, state, params, **registry.update_kwargs(name, value))
         return loss_fn(funcopt.apply_updates(params, updates))
 
     g = torch.func.grad(unrolled)(p0)
@@ -186,15 +194,16 @@ def test_resumes_bitwise_from_a_checkpoint(name, tmp_path):
     """3 steps, save params and state, load them into a template (like=) with a fresh optimizer,
     3 more steps: bitwise the uninterrupted 6-step run."""
     params = nested_params()
-    straight = _steps(registry.make(name), params, 6)
+    extras = registry.update_kwargs(name, VALUE)
+    straight = _steps(registry.make(name), params, 6, extras=extras)
     tx = registry.make(name)
-    half_params, half_state = _steps(tx, params, 3)
+    half_params, half_state = _steps(tx, params, 3, extras=extras)
     path = tmp_path / "ckpt.safetensors"
     funcopt.checkpoint.save(path, {"params": half_params, "opt_state": half_state})
     tx = registry.make(name)  # as in a new process
     restored = funcopt.checkpoint.load(path, like={"params": params, "opt_state": tx.init(params)})
     assert_trees_equal(restored, {"params": half_params, "opt_state": half_state})
-    resumed = _steps(tx, restored["params"], 3, seed=1 + 3, state=restored["opt_state"])
+    resumed = _steps(tx, restored["params"], 3, seed=1 + 3, state=restored["opt_state"], extras=extras)
     assert_trees_equal(resumed, straight)
 
 

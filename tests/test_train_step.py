@@ -329,19 +329,20 @@ def test_pure_apply_gradients_runs_the_kernels_on_copies(name, dtype):
     tol = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     fast = tx.update._funcopt_fast_path
     for _ in range(3):
-        grads = torch.func.grad(loss_fn)(params)
+        grads, value = torch.func.grad_and_value(loss_fn)(params)
+        extras = registry.update_kwargs(name, value)  # value= for rows that read the loss
         assert fast.pure_step(grads, state, params) is not None  # the kernels' path applies
         before = snapshot((params, state, grads))
         versions = [x._version for x in tree.leaves((params, state, grads))]
-        new_p, new_s = apply_gradients(tx, grads, state, params)
+        new_p, new_s = apply_gradients(tx, grads, state, params, **extras)
         assert_trees_equal((params, state, grads), before)
         assert versions == [x._version for x in tree.leaves((params, state, grads))]
         inputs = {x.data_ptr() for x in tree.leaves((params, state, grads)) if x.numel()}
         assert not inputs & {x.data_ptr() for x in tree.leaves((new_p, new_s)) if x.numel()}
-        u, s_fast = tx.update(grads, state, params)
+        u, s_fast = tx.update(grads, state, params, **extras)
         assert_trees_close((new_p, new_s), (funcopt.apply_updates(params, u), s_fast), **tol)
         with funcopt.fused.fast_path_enabled(False):
-            u, s_ref = tx.update(grads, state, params)
+            u, s_ref = tx.update(grads, state, params, **extras)
         assert_trees_close((new_p, new_s), (funcopt.apply_updates(params, u), s_ref), **tol)
         assert tree.structure(new_s) == tree.structure(s_ref)
         params, state = new_p, new_s

@@ -70,7 +70,8 @@ def scale_by_amsgrad(
         nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
         bc1 = 1 - b1**step if bias_correction_mu else 1.0
         bc2 = 1 - b2**step if bias_correction_nu else 1.0
-        nu_max = _tree.map(lambda vm, v: torch.maximum(vm, v / bc2), state.nu_max, nu)
+        # (a 0-dim leaf divided by the 0-dim float64 correction would become float64: keep its dtype)
+        nu_max = _tree.map(lambda vm, v: torch.maximum(vm, (v / bc2).to(vm.dtype)), state.nu_max, nu)
         out = _tree.map(lambda m, vm: (m / bc1) / (torch.sqrt(vm + eps_root) + eps), mu, nu_max)
         return out, ScaleByAmsgradState(state.count + 1, mu, nu, nu_max)
 

@@ -47,7 +47,9 @@ def scale_by_optimistic_gradient(alpha: float = 1.0, beta: float = 1.0) -> Gradi
             return (alpha + beta) * g - beta * prev
 
         out = _tree.map(step, updates, state.previous_gradient, names=("updates", "previous_gradient"))
-        prev = _tree.map(torch.clone, updates)  # a copy: in-place steps write the state buffers
+        # a copy in the state's dtype (in-place steps write the state buffers; an upstream 0-dim
+        # float64 bias correction may have promoted a 0-dim leaf's update)
+        prev = _tree.map(lambda g, p: g.to(p.dtype, copy=True), updates, state.previous_gradient)
         return out, ScaleByOptimisticGradientState(state.count + 1, prev)
 
     return GradientTransformation(init, update)

@@ -211,3 +211,27 @@ def test_save_refuses_trees_deeper_than_the_reader_accepts(tmp_path):
     with pytest.raises(CheckpointError, match=f"nested deeper than {MAX_DEPTH} levels"):
         ck.save(tmp_path / "deep.safetensors", [ok])
     assert not (tmp_path / "deep.safetensors").exists()
+
+
+def test_threaded_crc_equals_zlib_and_big_tensors_round_trip(tmp_path):
+    import zlib
+
+    from funcopt.checkpoint._crc import CHUNK, crc32, crc32_async, crc32_combine
+
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=rng).numpy().tobytes()
+    for cut in (0, 1, 7, 500, 999, 1000):
+        assert crc32_combine(zlib.crc32(a[:cut]), zlib.crc32(a[cut:]), len(a) - cut) == zlib.crc32(a)
+    big = torch.randn(2 * CHUNK // 4 + 13, generator=rng)  # three chunks, the last one short
+    view = memoryview(big.numpy()).cast("B")
+    assert crc32(view) == crc32_async(view)() == zlib.crc32(view)
+    f = tmp_path / "big.safetensors"
+    ck.save(f, {"big": big, "small": torch.ones(3)})
+    for mmap in (True, False):
+        out = ck.load(f, mmap=mmap)
+        assert torch.equal(out["big"], big) and torch.equal(out["small"], torch.ones(3))
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 4  # inside the last chunk of "big" (the data is sorted by element size, "small" is last too)
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        ck.load(f)

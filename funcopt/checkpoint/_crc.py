@@ -70,25 +70,32 @@ def _pool() -> ThreadPoolExecutor | None:
     return _POOL[1]
 
 
-def crc32_async(view: memoryview) -> Callable[[], int]:
-    """Starts the CRC-32 of ``view`` (a byte memoryview) on the pool; the returned call waits for it."""
+def crc32_async(view: memoryview, *, caller_helps: bool = False) -> Callable[[], int]:
+    """Starts the CRC-32 of ``view`` (a byte memoryview) on the pool; the returned call waits for it.
+
+    With ``caller_helps`` the thread that waits computes the last chunk itself instead of idling.
+    """
     n = len(view)
     pool = _pool() if n >= 2 * CHUNK else None
     if pool is None:
         value = zlib.crc32(view)
         return lambda: value
     starts = list(range(0, n, CHUNK))
-    futures: list[Any] = [pool.submit(zlib.crc32, view[s:s + CHUNK]) for s in starts]
+    queued = starts[:-1] if caller_helps else starts
+    futures: list[Any] = [pool.submit(zlib.crc32, view[s:s + CHUNK]) for s in queued]
 
     def result() -> int:
-        value = futures[0].result()
-        for s, fut in zip(starts[1:], futures[1:]):
-            value = crc32_combine(value, fut.result(), min(CHUNK, n - s))
+        parts = [fut.result() for fut in futures]
+        if caller_helps:
+            parts.append(zlib.crc32(view[starts[-1]:]))
+        value = parts[0]
+        for s, part in zip(starts[1:], parts[1:]):
+            value = crc32_combine(value, part, min(CHUNK, n - s))
         return value
 
     return result
 
 
 def crc32(view: memoryview) -> int:
-    """``zlib.crc32(view)``, computed on several threads for large buffers."""
-    return crc32_async(view)()
+    """``zlib.crc32(view)``, computed on several threads (the caller's included) for large buffers."""
+    return crc32_async(view, caller_helps=True)()

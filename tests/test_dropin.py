@@ -301,3 +301,28 @@ def test_state_dict_round_trip_with_groups_and_a_scheduler():
     sched2.load_state_dict(saved["sched"])
     steps(part, opt2, sched2, data[3:])
     assert_same_params(part, full, tol=0)
+
+
+def test_funcopt_schedule_as_lr_counts_group_steps_and_refuses_a_torch_scheduler():
+    w = torch_nn.Parameter(torch.ones(3, dtype=DT))
+    opt = as_torch_optimizer(funcopt.sgd, [w], lr=funcopt.schedules.linear(0.1, 0.0, 4))
+    assert opt.param_groups[0]["lr"] is None
+    for _ in range(3):
+        w.grad = torch.ones(3, dtype=DT)
+        opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 1 - 0.1 - 0.075 - 0.05, dtype=DT))
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.raises(funcopt.FuncoptError, match="funcopt schedule.*either the schedule or a torch"):
+        opt.step()
+
+
+def test_revived_zero_hyperparameter_that_changes_the_state_is_refused():
+    w = torch_nn.Parameter(torch.ones(3, dtype=DT))
+    opt = as_torch_optimizer(funcopt.sgd, [w], lr=0.1)  # momentum 0: no momentum buffer
+    opt.param_groups[0]["momentum"] = 0.9
+    w.grad = torch.ones(3, dtype=DT)
+    with pytest.raises(funcopt.FuncoptError, match=r"set \['momentum'\].*built with 0.*cycle_momentum=False"):
+        opt.step()
+    opt.param_groups[0]["momentum"] = 0.0  # back to the built value: the group steps again
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.9, dtype=DT))

@@ -171,11 +171,13 @@ class FactorySource:
         for k, v in self.static.items():
             if k != "mask" and (v is None or isinstance(v, (bool, int, str))):
                 out[TORCH_KEY.get(k, k)] = v
+            elif callable(v) and k in TORCH_KEY:  # a funcopt schedule: shown as None, as torch readers expect the key
+                out[TORCH_KEY[k]] = None
         return out
 
     def read(self, group: Mapping[str, Any], written: Mapping[str, Any], where: str) -> dict[str, float]:
         """The hyperparameters the group holds now (a scheduler or the user may have written them
-        since ``written`` was published); they become the current values."""
+        since ``written`` was published); :meth:`commit` makes them the current values."""
         values = dict(self.current)
         for k in self.hyper:
             key = TORCH_KEY.get(k, k)
@@ -190,14 +192,25 @@ class FactorySource:
             values["b2"] = self._number(b2, "betas", where)
         for k in self.static:
             key = TORCH_KEY.get(k, k)
-            if key in written and key in group and not same(group[key], written[key]):
+            scheduled = callable(self.static[k]) and key == "lr" and "initial_lr" in group
+            if scheduled or (key in written and key in group and not same(group[key], written[key])):
+                if callable(self.static[k]):
+                    raise FuncoptError(
+                        f"{where}[{key!r}] is driven by a torch.optim.lr_scheduler or by hand (now {group[key]!r}), "
+                        f"but {k} is a funcopt schedule, which sets it at every step. Use either the schedule or a torch.optim.lr_scheduler (then pass a "
+                        "float lr)."
+                    )
                 raise FuncoptError(
                     f"{where}[{key!r}] was changed from {written[key]!r} to {group[key]!r}; it decides the "
                     f"structure of {self.name}'s state and is fixed when the optimizer is built. Build a new "
                     "optimizer (or a new param group with add_param_group) with the new value."
                 )
-        self.current = values
         return values
+
+    def commit(self, values: Mapping[str, float]) -> dict[str, Any]:
+        """Makes ``values`` the current ones; returns the param-group entries to publish."""
+        self.current = dict(values)
+        return self.keys(values)
 
     @staticmethod
     def _number(v: Any, key: str, where: str) -> float:

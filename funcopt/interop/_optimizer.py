@@ -247,11 +247,11 @@ class FuncoptOptimizer(torch.optim.Optimizer):
                 if _tree.structure(tx.init(meta)) != _tree.structure(g.state):
                     raise FuncoptError(
                         f"{label} set {revived} to {[values[k] for k in revived]}, but the group was built with 0 "
-                        f"there, so {g.source.name}'s state has no room for it (e.g. no momentum buffer). Give "
-                        "the group a non-zero value when building the optimizer (or do not let a scheduler "
-                        "cycle it: OneCycleLR(cycle_momentum=False))."
+                        f"there, so {g.source.name}'s chain was built without that block (no momentum buffer, no "
+                        "decay step). Give the group a non-zero value when building the optimizer (or do not let "
+                        "a scheduler cycle it: OneCycleLR(cycle_momentum=False))."
                     )
-            self._publish(i, g.source.keys(values))
+            self._publish(i, g.source.commit(values))
         else:
             tx = g.source.tx
             g.state = g.source.apply(g.state, group, g.written, label)

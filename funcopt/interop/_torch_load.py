@@ -78,6 +78,6 @@ def load_torch_state_dict(opt: Any, sd: Mapping[str, Any]) -> None:
             raise
         g.state = state
         if isinstance(g.source, FactorySource):
-            opt._publish(i, g.source.keys(g.source.read(group, g.written, label)))
+            opt._publish(i, g.source.commit(g.source.read(group, g.written, label)))
         else:
             opt._publish(i, g.source.keys(g.state))

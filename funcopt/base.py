@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import threading
 from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import optree
@@ -24,6 +25,7 @@ __all__ = [
     "identity",
     "apply_updates",
     "register_tree_adder",
+    "check_update_inputs",
     "float_leaves",
     "stable_name",
     "stable_name_of",
@@ -153,13 +155,165 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 + ". Pass the state returned by this optimizer's init (was it built for a "
                 "different optimizer?)."
             )
-        new_states = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params, **extra_args)
-            new_states.append(s)
-        return updates, tuple(new_states)
+        if _OUTERMOST.depth or torch.compiler.is_compiling():
+            return _run_chain(transforms, updates, state, params, extra_args)
+        # The user's own call (not a chain nested in another): check the inputs once.
+        check_update_inputs(init, updates, state, params)
+        _OUTERMOST.depth = 1
+        try:
+            return _run_chain(transforms, updates, state, params, extra_args)
+        except (ValueError, RuntimeError, TypeError) as e:
+            if not isinstance(e, FuncoptError):
+                _diagnose_structure(updates, state, e)
+            raise
+        finally:
+            _OUTERMOST.depth = 0
 
     return GradientTransformation(init, update)
+
+
+def _run_chain(transforms, updates, state, params, extra_args):
+    new_states = []
+    for t, s in zip(transforms, state):
+        updates, s = t.update(updates, s, params, **extra_args)
+        new_states.append(s)
+    return updates, tuple(new_states)
+
+
+class _Nesting(threading.local):
+    depth = 0
+
+
+_OUTERMOST = _Nesting()
+_FLOATING = frozenset(
+    (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+)
+_EXPECTED_STATE: dict[tuple[Any, Any, Any], tuple[list[int], list[torch.Size]]] = {}
+
+
+def check_update_inputs(
+    init: Callable[[PyTree], OptState], updates: PyTree, state: OptState, params: PyTree | None
+) -> None:
+    """Raises ``FuncoptError`` naming the path and the fix unless the gradients are floating-point
+    tensors matching ``params`` exactly in structure, shape and dtype (no broadcasting) and the
+    state's leaves in shape (those ``init`` builds with at least one dimension for these params,
+    e.g. Adam's ``mu``; found once per tree structure and shapes by running ``init`` on meta
+    tensors, then cached).
+
+    Metadata only (no device sync, no tensor data read), so a step pays a few microseconds. Every ``chain`` (so every optimizer) runs it once per
+    ``update``, at the outermost chain; optimizers with a fast route run the same checks as part
+    of planning their kernels.
+    """
+    g, g_spec = optree.tree_flatten(updates, none_is_leaf=False)
+    if not set(map(type, g)) <= _PLAIN_TENSORS:  # numbers, masked placeholders, subclasses
+        g = [x if isinstance(x, torch.Tensor) else None for x in g]
+        if None in g:
+            return
+    dtypes = list(map(_DTYPE, g))
+    if not set(dtypes) <= _FLOATING:
+        i = next(j for j, d in enumerate(dtypes) if d not in _FLOATING)
+        raise FuncoptError(
+            f"update: the gradient at {_tree.paths(updates)[i]} has dtype {dtypes[i]}; gradients must "
+            "be floating-point tensors (the gradients of floating-point params)."
+        )
+    shapes = list(map(_SHAPE, g))
+    if params is not None:
+        p, p_spec = optree.tree_flatten(params, none_is_leaf=False)
+        if p_spec != g_spec:
+            try:
+                _tree.check_same_structure(params, updates, ("params", "grads"))
+            except ValueError as e:
+                raise FuncoptError(
+                    f"update: {e} Pass one gradient per parameter (zeros for a frozen one), or keep "
+                    "frozen params out of both trees (funcopt.freeze / funcopt.masked)."
+                ) from None
+            return
+        if not set(map(type, p)) <= _PLAIN_TENSORS:
+            p = [x if isinstance(x, torch.Tensor) else None for x in p]
+            if None in p:
+                return
+        if list(map(_SHAPE, p)) != shapes or list(map(_DTYPE, p)) != dtypes:
+            for i, (a, b) in enumerate(zip(p, g)):
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    _raise_bad_gradient(params, i, a, b)
+    s, s_spec = optree.tree_flatten(state, none_is_leaf=False)
+    key = (s_spec, g_spec, tuple(shapes))
+    expected = _EXPECTED_STATE.get(key)
+    if expected is None:
+        expected = _expected_state_shapes(init, g, g_spec, s)
+        if len(_EXPECTED_STATE) < 256:
+            _EXPECTED_STATE[key] = expected
+    if expected and [s[i].shape for i in expected[0]] != expected[1]:
+        for i, shape in zip(*expected):
+            if s[i].shape != shape:
+                raise FuncoptError(
+                    f"update: the optimizer state's leaf {_tree.paths(state)[i]} has shape "
+                    f"{tuple(s[i].shape)}, but init builds {tuple(shape)} for gradients of these shapes. "
+                    "funcopt never broadcasts: was this state built by init for these params (same "
+                    "model)? Build it again with tx.init(params)."
+                )
+
+
+def _expected_state_shapes(
+    init: Callable[[PyTree], OptState], g: list[torch.Tensor], g_spec: Any, s: list[Any]
+) -> tuple[list[int], list[torch.Size]]:
+    """The positions and shapes of the state leaves that ``init`` builds with at least one
+    dimension for params shaped like ``g`` (run on meta tensors: no memory, no compute); empty
+    where ``init`` cannot run on meta tensors or builds another structure (nothing is checked)."""
+    try:
+        meta = optree.tree_unflatten(g_spec, [torch.empty(x.shape, dtype=x.dtype, device="meta") for x in g])
+        built, spec = optree.tree_flatten(init(meta), none_is_leaf=False)
+    except Exception:  # an init that needs real values: no state check for this optimizer
+        return [], []
+    if len(built) != len(s):
+        return [], []
+    where = [
+        i for i, (x, y) in enumerate(zip(built, s))
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim >= 1
+    ]
+    return where, [built[i].shape for i in where]
+
+
+def _raise_bad_gradient(params: PyTree, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    path = _tree.paths(params)[i]
+    if p.shape != g.shape:
+        raise FuncoptError(
+            f"update: the gradient at {path} has shape {tuple(g.shape)} but the parameter has "
+            f"{tuple(p.shape)}. funcopt never broadcasts a gradient: were the gradients computed for "
+            "these params (same model, the batch dimension reduced by the loss)?"
+        )
+    if not (p.is_floating_point() or p.is_complex()):
+        raise FuncoptError(
+            f"update: the parameter at {path} has dtype {p.dtype}; only floating-point (or complex) "
+            "tensors can be optimized. Cast it with .float(), or keep it out of the optimizer (a "
+            "buffer, or funcopt.freeze)."
+        )
+    raise FuncoptError(
+        f"update: the gradient at {path} has dtype {g.dtype} but the parameter has {p.dtype}. Cast the "
+        f"gradients to the params' dtype (e.g. funcopt.tree.cast(grads, {p.dtype})), or keep the params "
+        "in the gradients' dtype."
+    )
+
+
+def _diagnose_structure(updates: PyTree, state: OptState, error: Exception) -> None:
+    """After a chain failed: raises ``FuncoptError`` naming the user's gradients where they do not
+    have the structure of the state's params-shaped buffers (a missing or extra key)."""
+    g_spec = optree.tree_structure(updates, none_is_leaf=False)
+    for entry in state if isinstance(state, tuple) else ():
+        for field, value in zip(getattr(entry, "_fields", ()), entry if hasattr(entry, "_fields") else ()):
+            if type(value) is not type(updates) or optree.treespec_is_leaf(g_spec):
+                continue
+            if not all(isinstance(x, torch.Tensor) for x in optree.tree_leaves(value, none_is_leaf=False)):
+                continue
+            if optree.tree_structure(value, none_is_leaf=False) != g_spec:
+                try:
+                    _tree.check_same_structure(value, updates, (f"the optimizer state's {field}", "grads"))
+                except ValueError as e:
+                    raise FuncoptError(
+                        f"update: {e} The state was built by init from the params, so the gradients "
+                        "must have one entry per parameter: pass zeros for a frozen one, or build the "
+                        "optimizer state from the same params."
+                    ) from error
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import funcopt
+from funcopt.sweep import _engine
 from funcopt.sweep import _stacked as stacked
 from funcopt.sweep import _sweep as _sweep_impl
 from funcopt import sweep as S
@@ -230,7 +231,7 @@ def test_run_configs_on_subsets_concatenates_to_the_full_sweep():
     plan = _sweep_impl._make_plan(loss_fn, init(0), funcopt.adam, hp, batches, eval_fn=None, eval_every=None,
                         chunk_size=None, seeds=None, step_mode="auto", randomness="error", replay=True,
                         metric=None, mode="min")
-    parts = [stacked._run_configs(plan, idx, 0, 4) for idx in ([2, 0], [3, 1])]
+    parts = [_engine._run_configs(plan, idx, 0, 4) for idx in ([2, 0], [3, 1])]
     for part in parts:
         for j, i in enumerate(part.indices):
             assert_trees_close(tree.map(lambda x: x[j], part.params), full.select(i)[0], rtol=1e-10, atol=1e-12)

@@ -20,6 +20,8 @@ from funcopt.base import GradientTransformation, PyTree
 from funcopt.fast._backends import _BACKENDS
 from funcopt.fast._memo import Memo
 from funcopt.fast._plan import (
+    _DTYPE,
+    _SHAPE,
     KernelCall,
     Layout,
     Plan,
@@ -272,7 +274,7 @@ class FastPath:
     def update(self, updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any):
         if not torch.compiler.is_compiling() and self.usable():
             plan = self.plan(updates, state, params, donate=False)
-            if type(plan) is Plan:
+            if type(plan) is Plan and (params is None or plan.p is not None or _params_fit(params, plan)):
                 result = self.run_backend(plan, state, write_params=False)
                 out, new_state = result if result is not None else self.run(plan, state, donate=False)
                 return optree.tree_unflatten(plan.spec, out), new_state
@@ -374,6 +376,15 @@ class FastPath:
         if self._static_h is not None and type(self._static_h) is dict:
             self.memo = Memo.of(new_state, plan, params, out, self.layout(), self.learning_rate)
         return out, new_state, list(plan.counts.values()), plan.spec
+
+
+def _params_fit(params: PyTree, plan: Plan) -> bool:
+    """Whether params the kernel does not read still match the gradients in structure, shape and
+    dtype (else the reference path runs, whose input checks name the leaf)."""
+    p, spec = flatten(params)
+    return spec == plan.spec and list(map(_SHAPE, p)) == list(map(_SHAPE, plan.g)) and (
+        list(map(_DTYPE, p)) == list(map(_DTYPE, plan.g))
+    )
 
 
 def _scalar_ok(x: Any, device: torch.device) -> bool:

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, stable_name
-from funcopt.sweep._stacked import _Plan, _Run, select
+from funcopt.sweep._engine import _Plan, _Run
+from funcopt.sweep._stacked import select
 
 __all__ = ["SweepResult", "BestConfig"]
 

@@ -1,4 +1,4 @@
-"""Training K stacked configurations: stacking, the stacked optimizer step, the run of a subset.
+"""Training K stacked configurations: stacking and the stacked optimizer step.
 
 This is the engine under :mod:`funcopt.sweep` (which re-exports the stacking helpers).
 
@@ -26,15 +26,12 @@ of funcopt's optimizers except those with norms: ``lamb``, ``scale_by_trust_rati
 gradients of very different scales per configuration; ``funcopt.sweep`` runs it once and falls
 back to the vmapped step when they differ.
 
-``_run_configs(plan, indices, start, stop)`` trains any subset of a sweep's configurations on
-the shared batches and returns per-configuration results; sweeps run it per chunk, and a
-distributed sweep can run it per rank and concatenate the results along axis 0.
+The training loop over these steps is in ``_engine``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optree
@@ -331,155 +328,3 @@ def select(tree: PyTree, index: int) -> PyTree:
 def unstack(tree: PyTree) -> list[PyTree]:
     """All K configurations of a stacked tree as a list of ordinary trees."""
     return _tree.unstack(tree)
-
-
-def _batch_source(data: Any, replay: bool) -> Callable[[int], Any]:
-    if callable(data):
-        return data
-    if isinstance(data, (torch.Tensor, tuple, dict)):
-        return lambda step: data
-    if isinstance(data, Sequence):
-        if not data:
-            raise FuncoptError("data is an empty sequence; pass batches or a function step -> batch.")
-        return lambda step: data[step % len(data)]
-    if isinstance(data, Iterable):
-        if replay and iter(data) is data:
-            raise FuncoptError(
-                "data is a one-shot iterator, but chunk_size/halving replay the steps for each "
-                "chunk of configurations: pass a list of batches, a DataLoader or a function "
-                "step -> batch."
-            )
-        state = {"it": iter(data)}
-
-        def nxt(step: int) -> Any:
-            try:
-                return next(state["it"])
-            except StopIteration:
-                state["it"] = iter(data)
-                try:
-                    return next(state["it"])
-                except StopIteration:
-                    raise FuncoptError("data yielded no batches.") from None
-
-        return nxt
-    raise FuncoptError(
-        f"data must be a function step -> batch, a list/DataLoader of batches, or one fixed batch "
-        f"(tensor, tuple or dict); got {type(data).__name__}."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Training any subset of the configurations (one chunk, or one rank of a distributed sweep)
-
-
-@dataclass
-class _Plan:
-    """Everything needed to train any subset of the K configurations (one chunk, one rank)."""
-
-    loss_fn: Callable[[PyTree, Any], torch.Tensor]
-    tx: GradientTransformation
-    values: dict[str, list[float]]
-    init_params: Any
-    seeds: list[int] | None
-    batch: Callable[[int], Any]
-    eval_fn: Callable[[PyTree], Any] | None
-    eval_every: int | None
-    step_mode: str
-    randomness: str
-    k: int
-    metric: str = "loss"
-    mode: str = "min"
-    step_reason: str = ""
-    eval_names: list[str] = field(default_factory=list)
-
-    def init(self, indices: list[int]) -> tuple[PyTree, PyTree]:
-        if self.seeds is None:
-            params = stack_params(self.init_params, len(indices))
-        else:
-            params = init_stacked(self.init_params, [self.seeds[i] for i in indices])
-        hp = {n: [v[i] for i in indices] for n, v in self.values.items()}
-        return params, stack_states(self.tx, params, hp)
-
-    def evaluate(self, params: PyTree) -> dict[str, torch.Tensor]:
-        out = torch.func.vmap(self.eval_fn, randomness=self.randomness)(params)
-        if isinstance(out, Mapping):
-            return {str(k): torch.as_tensor(v).detach().reshape(-1) for k, v in out.items()}
-        return {"eval": torch.as_tensor(out).detach().reshape(-1)}
-
-
-@dataclass
-class _Run:
-    """Per-configuration results of :func:`_run_configs` for the configurations ``indices``."""
-
-    indices: list[int]
-    params: PyTree
-    state: PyTree
-    losses: torch.Tensor  # (k, steps)
-    evals: dict[str, torch.Tensor]  # name -> (k, number of evaluations)
-    eval_steps: list[int]
-
-
-def _run_configs(
-    plan: _Plan,
-    indices: list[int],
-    start: int,
-    stop: int,
-    params: PyTree | None = None,
-    state: PyTree | None = None,
-    *,
-    eval_at_end: bool = True,
-    bar: Any = None,
-) -> _Run:
-    """Trains configurations ``indices`` from step ``start`` to ``stop`` on the shared batches.
-
-    Starts from ``plan.init(indices)`` unless stacked ``params``/``state`` are given. This is
-    the unit a distributed sweep runs per rank (results are per configuration, so ranks' runs
-    concatenate along axis 0).
-    """
-    if params is None or state is None:
-        params, state = plan.init(indices)
-    grad_fn = torch.func.vmap(
-        torch.func.grad_and_value(plan.loss_fn), in_dims=(0, None), randomness=plan.randomness
-    )
-    step_fn = stacked_update if plan.step_mode == "stacked" else vmapped_update
-    losses, evals, eval_steps = [], {}, []
-    for step in range(start, stop):
-        grads, loss = grad_fn(params, plan.batch(step))
-        with torch.no_grad():
-            updates, state = step_fn(plan.tx, grads, state, params)
-            params = apply_updates(params, updates)
-        losses.append(loss.detach())
-        done = step + 1
-        due = plan.eval_every is not None and done % plan.eval_every == 0
-        if plan.eval_fn is not None and (due or (eval_at_end and done == stop)):
-            with torch.no_grad():
-                for name, v in plan.evaluate(params).items():
-                    evals.setdefault(name, []).append(v)
-            eval_steps.append(done)
-        if bar is not None:
-            bar.update(len(indices))
-    loss_t = torch.stack(losses, dim=1) if losses else torch.zeros(len(indices), 0)
-    return _Run(
-        list(indices), params, state, loss_t,
-        {n: torch.stack(v, dim=1) for n, v in evals.items()}, eval_steps,
-    )
-
-
-def _concat(runs: list[_Run]) -> _Run:
-    if len(runs) == 1:
-        return runs[0]
-    cat = lambda *xs: torch.cat(xs, dim=0)  # noqa: E731
-    return _Run(
-        [i for r in runs for i in r.indices],
-        _tree.map(cat, *[r.params for r in runs]),
-        _tree.map(cat, *[r.state for r in runs]),
-        torch.cat([r.losses for r in runs], dim=0),
-        {n: torch.cat([r.evals[n] for r in runs], dim=0) for n in runs[0].evals},
-        runs[0].eval_steps,
-    )
-
-
-def _chunks(indices: list[int], chunk_size: int | None) -> list[list[int]]:
-    if chunk_size is None:
-        return [indices]
-    return [indices[i : i + chunk_size] for i in range(0, len(indices), chunk_size)]

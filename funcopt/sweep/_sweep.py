@@ -12,19 +12,8 @@ import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.transforms import injected_states, inject_hyperparams
-from funcopt.sweep._stacked import (
-    _batch_source,
-    _chunks,
-    _concat,
-    _detach,
-    _hp_names,
-    _Plan,
-    _Run,
-    _run_configs,
-    check_stacked_update,
-    select_configs,
-    stack_params,
-)
+from funcopt.sweep._engine import _batch_source, _chunks, _concat, _Plan, _Run, _run_configs, columns_agree
+from funcopt.sweep._stacked import _detach, _hp_names, check_stacked_update, select_configs, stack_params
 from funcopt.sweep._result import SweepResult, _History
 from funcopt.sweep._space import _as_values
 
@@ -134,6 +123,8 @@ def _make_plan(
         ok, reason = check_stacked_update(tx, *probe)
         plan.step_mode = "stacked" if ok else "vmap"
         plan.step_reason = reason
+    if plan.step_mode == "stacked":
+        plan.columns = columns_agree(tx, *plan.init(list(range(min(k, 3)))))
     return plan
 
 

@@ -1,0 +1,113 @@
+"""update/apply_updates refuse mismatched inputs with a FuncoptError naming the user's path and
+the fix, for every optimizer (the checks live in ``chain``, not in each optimizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import funcopt
+from funcopt.base import check_update_inputs
+
+OPTIMIZERS = {
+    "adam": lambda: funcopt.adam(1e-2),  # has a fast route
+    "sgd_momentum": lambda: funcopt.sgd(0.1, momentum=0.9),
+    "adamw_masked": lambda: funcopt.adamw(1e-2, mask=lambda p: {k: k == "w" for k in p}),  # reference path
+    "adafactor": lambda: funcopt.adafactor(1e-2),  # factored state: other ranks than the params
+    "lion_injected": lambda: funcopt.inject_hyperparams(funcopt.lion)(learning_rate=1e-3),
+}
+
+
+def _params(dtype=torch.float32):
+    return {"w": torch.randn(4, 3, dtype=dtype), "b": torch.randn(3, dtype=dtype)}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_matching_inputs_pass_and_give_the_unchecked_result(name):
+    tx, params = OPTIMIZERS[name](), _params()
+    state = tx.init(params)
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    updates, _ = tx.update(grads, state, params)
+    with funcopt.fast.fast_path_enabled(False):
+        expected, _ = tx.update(grads, state, params)
+    for k in params:
+        torch.testing.assert_close(updates[k], expected[k])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_gradients_are_never_broadcast(name):
+    tx, params = OPTIMIZERS[name](), _params()
+    state = tx.init(params)
+    grads = {"w": torch.ones(1, 3), "b": torch.ones(3)}
+    with pytest.raises(funcopt.FuncoptError, match=r"gradient at \['w'\] has shape \(1, 3\) but the parameter has \(4, 3\)"):
+        tx.update(grads, state, params)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_float64_gradients_for_float32_params_name_the_cast(name):
+    tx, params = OPTIMIZERS[name](), _params()
+    grads = {k: torch.ones_like(v, dtype=torch.float64) for k, v in params.items()}
+    with pytest.raises(funcopt.FuncoptError, match=r"gradient at \['b'\] has dtype torch.float64 but the parameter has torch.float32.*cast"):
+        tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_missing_gradient_key_is_named_from_the_users_trees(name):
+    tx, params = OPTIMIZERS[name](), _params()
+    state = tx.init(params)
+    with pytest.raises(funcopt.FuncoptError, match=r"params and grads have different pytree structures.*\['b'\]"):
+        tx.update({"w": torch.ones(4, 3)}, state, params)
+    if name != "adafactor":  # adafactor needs params; the others also check without them
+        with pytest.raises(funcopt.FuncoptError, match=r"grads.*\['b'\].*one entry per parameter"):
+            tx.update({"w": torch.ones(4, 3)}, state)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "adafactor", "lion_injected"])
+def test_a_state_built_for_other_params_is_refused(name):
+    tx = OPTIMIZERS[name]()
+    state = tx.init({"w": torch.zeros(1, 3), "b": torch.zeros(3)})  # broadcastable against (4, 3)
+    params = _params()
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    shapes = r"\(1, 1\), but init builds \(4, 1\)" if name == "adafactor" else r"\(1, 3\), but init builds \(4, 3\)"
+    with pytest.raises(funcopt.FuncoptError, match=r"state's leaf .*\['w'\] has shape " + shapes):
+        tx.update(grads, state, params)
+
+
+def test_integer_gradients_and_params_are_refused():
+    tx = funcopt.sgd(0.1)
+    params = {"n": torch.arange(6), "w": torch.zeros(2)}
+    with pytest.raises(funcopt.FuncoptError, match=r"parameter at \['n'\] has dtype torch.int64"):
+        tx.update({"n": torch.ones(6), "w": torch.zeros(2)}, tx.init(params), params)
+    with pytest.raises(funcopt.FuncoptError, match=r"gradient at \['n'\] has dtype torch.int64"):
+        tx.update({"n": torch.arange(6), "w": torch.zeros(2)}, tx.init(params))
+
+
+def test_apply_updates_never_broadcasts():
+    with pytest.raises(funcopt.FuncoptError, match=r"update at \['w'\] has shape \(4, 3\) but the parameter has \(1, 3\)"):
+        funcopt.apply_updates({"w": torch.zeros(1, 3)}, {"w": torch.ones(4, 3)})
+
+
+def test_nested_chains_and_vmap_and_compile_free_paths_still_work():
+    """Checks run once, at the outermost chain; under vmap the logical shapes are checked."""
+    inner = funcopt.chain(funcopt.scale_by_adam(), funcopt.scale(-1e-2))
+    tx = funcopt.chain(funcopt.clip_by_global_norm(1.0), inner)
+    params = _params(torch.float64)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert updates["w"].shape == (4, 3)
+    stacked = {k: v.expand(2, *v.shape).clone() for k, v in params.items()}
+    state = funcopt.tree.stack([tx.init(params), tx.init(params)])
+    out, _ = torch.func.vmap(lambda g, s, p: tx.update(g, s, p))(stacked, state, stacked)
+    assert out["w"].shape == (2, 4, 3)
+    with pytest.raises(funcopt.FuncoptError, match="never broadcasts"):
+        bad = dict(stacked, w=stacked["w"][:, :1])
+        torch.func.vmap(lambda g, s, p: tx.update(g, s, p))(bad, state, stacked)
+
+
+def test_the_check_reads_no_tensor_data():
+    """Metadata only: meta tensors (no data at all) pass through the check."""
+    tx = funcopt.adam(1e-2)
+    params = {k: v.to("meta") for k, v in _params().items()}
+    check_update_inputs(tx.init, params, tx.init(params), params)
+    with pytest.raises(funcopt.FuncoptError, match="never broadcasts"):
+        check_update_inputs(tx.init, dict(params, w=params["w"][:1]), tx.init(params), None)

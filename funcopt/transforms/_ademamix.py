@@ -69,7 +69,7 @@ def scale_by_ademamix(
         step = _float_step(state.count)
         bc1, bc2 = 1 - b1**step, 1 - b2**step
         direction = _tree.map(
-            lambda a, b, v: (a / bc1 + c_alpha * b) / (torch.sqrt(v / bc2 + eps_root) + eps), m1, m2, nu
+            lambda a, b, v: ((a / bc1 + c_alpha * b) / (torch.sqrt(v / bc2 + eps_root) + eps)).to(a.dtype), m1, m2, nu
         )
         return direction, ScaleByAdemamixState(state.count + 1, m1, m2, nu)
 

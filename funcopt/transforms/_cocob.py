@@ -51,7 +51,7 @@ def scale_by_cocob(alpha: float = 100.0, eps: float = 1e-8) -> GradientTransform
             init_count(params),
             _tree.map(torch.clone, params),
             zeros(params),
-            _tree.map(lambda p: eps * torch.ones_like(p), params),
+            _tree.map(lambda p: (eps * torch.ones_like(p)).to(p.dtype), params),
             zeros(params),
             zeros(params),
         )

@@ -48,6 +48,11 @@ def _l1(tree: PyTree) -> torch.Tensor:
     return torch.zeros(()) if total is None else total
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 leaves computed in float32 (``eps`` = 1e-8 is 0 in float16: 0/0 otherwise)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _check_betas(name: str, betas) -> tuple:
     if not (isinstance(betas, tuple) and len(betas) == 2):
         raise FuncoptError(f"{name}: betas must be a tuple (b1, b2), got {betas!r}.")
@@ -119,17 +124,20 @@ def scale_by_prodigy(
         step = _float_step(state.count)
         d = state.estim_lr
         dlr = d * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
-        dg = _tree.map(lambda g: d * g, updates)
+        dg = _tree.map(lambda g: (d * g).to(g.dtype), updates)
         numerator = _tree.vdot(updates, _tree.map(lambda p0, p: p0 - p, state.params0, params))
         exp_avg = _tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.exp_avg, dg, names=("exp_avg", "updates"))
+        # (dg has the leaf dtype; the 0-dim float64 d, dlr would otherwise promote 0-dim leaves)
         exp_avg_sq = _tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, state.exp_avg_sq, dg)
         weight = d if safeguard_warmup else dlr
-        grad_sum = _tree.map(lambda s, x: b3 * s + weight * x / estim_lr0, state.grad_sum, dg)
+        grad_sum = _tree.map(lambda s, x: (b3 * s + weight * x / estim_lr0).to(s.dtype), state.grad_sum, dg)
         numerator_weighted = b3 * state.numerator_weighted + (d / estim_lr0) * dlr * numerator
         estimate = estim_lr_coef * numerator_weighted / _l1(grad_sum)
         new_d = torch.maximum(d, estimate)
         out = _tree.map(
-            lambda m, v, p: -weight_decay * dlr * p - dlr * m / (torch.sqrt(v) + new_d * eps),
+            lambda m, v, p: (
+                -weight_decay * dlr * _wide(p) - dlr * _wide(m) / (torch.sqrt(_wide(v)) + new_d * eps)
+            ).to(p.dtype),
             exp_avg, exp_avg_sq, params,
         )
         new_state = ScaleByProdigyState(
@@ -194,17 +202,18 @@ def scale_by_dadapt_adam(
         sched = learning_rate(state.count) if callable(learning_rate) else learning_rate
         step = _float_step(state.count)
         dlr = state.estim_lr * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
-        weighted = _tree.map(lambda s, v: s / (torch.sqrt(v) + eps), state.grad_sum, state.exp_avg_sq)
+        weighted = _tree.map(lambda s, v: _wide(s) / (torch.sqrt(_wide(v)) + eps), state.grad_sum, state.exp_avg_sq)
         numerator = _tree.vdot(updates, weighted)
         exp_avg = _tree.map(
-            lambda m, g: b1 * m + (1 - b1) * dlr * g, state.exp_avg, updates, names=("exp_avg", "updates")
+            lambda m, g: (b1 * m + (1 - b1) * dlr * g).to(m.dtype), state.exp_avg, updates, names=("exp_avg", "updates")
         )
         exp_avg_sq = _tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.exp_avg_sq, updates)
-        grad_sum = _tree.map(lambda s, g: sb2 * s + (1 - sb2) * dlr * g, state.grad_sum, updates)
+        grad_sum = _tree.map(lambda s, g: (sb2 * s + (1 - sb2) * dlr * g).to(s.dtype), state.grad_sum, updates)
         numerator_weighted = sb2 * state.numerator_weighted + (1 - sb2) * dlr * numerator
         new_d = torch.maximum(state.estim_lr, numerator_weighted / ((1 - sb2) * _l1(grad_sum)))
         out = _tree.map(
-            lambda m, v, p: -weight_decay * dlr * p - m / (torch.sqrt(v) + eps), exp_avg, exp_avg_sq, params
+            lambda m, v, p: (-weight_decay * dlr * _wide(p) - _wide(m) / (torch.sqrt(_wide(v)) + eps)).to(p.dtype),
+            exp_avg, exp_avg_sq, params,
         )
         new_state = ScaleByDadaptAdamState(
             state.count + 1, exp_avg, exp_avg_sq, grad_sum, new_d, numerator_weighted

@@ -21,6 +21,12 @@ __all__ = ["ScaleByDogState", "ScaleByDowgState", "scale_by_dog", "scale_by_dowg
 _INIT_STEPS = ("distance", "learning_rate", "heuristic")
 
 
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose derivative at ``x = 0`` (the first step's distance) is 0, not NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
+
+
 @stable_name("funcopt.ScaleByDogState")
 class ScaleByDogState(NamedTuple):
     """State of :func:`scale_by_dog`: ``count`` (0-dim int64; 0 marks the first step),
@@ -68,13 +74,14 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByDogState, "scale_by_dog")
         require_params(params, "scale_by_dog")
-        dist = _tree.norm(_tree.map(lambda a, b: a - b, state.init_params, params, names=("init_params", "params")))
+        diff = _tree.map(lambda a, b: a - b, state.init_params, params, names=("init_params", "params"))
+        dist = _safe_sqrt(_tree.sum_squares(diff))
         max_dist = torch.maximum(state.max_dist, dist)
         sum_sq = state.sum_sq_norm_grads + _tree.sum_squares(updates)
         step_size = max_dist / torch.sqrt(sum_sq + eps)
         if kind == "learning_rate":
             step_size = torch.where(state.count == 0, value, step_size)
-        out = _tree.map(lambda g: step_size * g, updates)
+        out = _tree.map(lambda g: (step_size * g).to(g.dtype), updates)
         return out, ScaleByDogState(state.count + 1, state.init_params, max_dist, sum_sq)
 
     return GradientTransformation(init, update)
@@ -119,7 +126,7 @@ def scale_by_dowg(init_estim_sq_dist: float | None = None, eps: float = 1e-4) ->
         estim = torch.maximum(state.estim_sq_dist, _tree.sum_squares(diff))
         weighted = estim * _tree.sum_squares(updates) + state.weighted_sq_norm_grads
         step_size = estim / (torch.sqrt(weighted) + eps)
-        out = _tree.map(lambda g: step_size * g, updates)
+        out = _tree.map(lambda g: (step_size * g).to(g.dtype), updates)
         return out, ScaleByDowgState(state.count + 1, state.init_params, weighted, estim)
 
     return GradientTransformation(init, update)

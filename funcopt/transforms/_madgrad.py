@@ -56,9 +56,9 @@ def scale_by_madgrad(
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         lam = (lr + eps) * torch.sqrt((state.count + 1).to(torch.float64))
         grad_sum_sq = _tree.map(
-            lambda a, g: a + lam * (g * g), state.grad_sum_sq, updates, names=("grad_sum_sq", "updates")
+            lambda a, g: a + lam.to(g.dtype) * (g * g), state.grad_sum_sq, updates, names=("grad_sum_sq", "updates")
         )
-        s = _tree.map(lambda a, g: a + lam * g, state.s, updates)
+        s = _tree.map(lambda a, g: a + lam.to(g.dtype) * g, state.s, updates)
 
         def step(x, x0, s_k, gsq):
             z = x0 - s_k / (torch.pow(gsq, 1 / 3) + eps)

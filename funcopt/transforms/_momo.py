@@ -94,7 +94,9 @@ def scale_by_momo(
         loss = _loss_value(value, state.barf)
         bt = torch.where(state.count == 0, 0.0, torch.as_tensor(beta, dtype=state.barf.dtype, device=state.barf.device))
         barf = bt * state.barf + (1 - bt) * loss
-        exp_avg = _tree.map(lambda m, g: bt * m + (1 - bt) * g, state.exp_avg, updates, names=("exp_avg", "updates"))
+        exp_avg = _tree.map(
+            lambda m, g: (bt * m + (1 - bt) * g).to(m.dtype), state.exp_avg, updates, names=("exp_avg", "updates")
+        )
         gamma = bt * state.gamma + (1 - bt) * _tree.vdot(updates, params)
         norm_sq = _tree.sum_squares(exp_avg)
         iprod = _tree.vdot(exp_avg, params)
@@ -110,7 +112,7 @@ def scale_by_momo(
         t1 = torch.where(norm_sq <= _FLOAT64_EPS, 0.0, t1)
         tau = torch.minimum(torch.as_tensor(alpha, dtype=t1.dtype, device=t1.device), t1)
         decay = (alpha * weight_decay) / shrink
-        out = _tree.map(lambda m, p: -decay * p - tau * m, exp_avg, params)
+        out = _tree.map(lambda m, p: (-decay * p - tau * m).to(p.dtype), exp_avg, params)
         if adapt_lower_bound:
             new_lb = torch.clamp_min((barf + iprod - gamma) - 0.5 * tau * norm_sq, lower_bound)
         else:

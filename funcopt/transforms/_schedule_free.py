@@ -125,7 +125,7 @@ def schedule_free(
         def step(y, z_old, z_new):
             x = (y - (1.0 - b1) * z_old) / b1
             x = (1.0 - ck) * x + ck * z_new
-            return b1 * x + (1.0 - b1) * z_new - y
+            return (b1 * x + (1.0 - b1) * z_new - y).to(y.dtype)
 
         new_updates = _tree.map(step, params, state.z, z, names=("params", "z", "z"))
         b1_now = torch.as_tensor(b1, dtype=state.b1.dtype, device=state.b1.device)
@@ -200,7 +200,7 @@ def scale_by_bias_corrected_rms(decay: float = 0.999, eps: float = 1e-8) -> Grad
         check_state(state, ScaleByBiasCorrectedRmsState, "scale_by_bias_corrected_rms")
         bc = 1 - decay ** _float_step(state.count)
         nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - decay), state.nu, updates, names=("nu", "updates"))
-        out = _tree.map(lambda g, v: g / (torch.sqrt(v / bc) + eps), updates, nu)
+        out = _tree.map(lambda g, v: g / (torch.sqrt(v / bc.to(v.dtype)) + eps), updates, nu)
         return out, ScaleByBiasCorrectedRmsState(state.count + 1, nu)
 
     return GradientTransformation(init, update)

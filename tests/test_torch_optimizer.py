@@ -332,14 +332,19 @@ def test_state_does_not_alias_params_or_grads():
     torch.testing.assert_close(opt.funcopt_state["grad"]["w"], torch.full((3,), 2.0, dtype=torch.float64))
 
 
-def test_params_without_grad_get_zero_gradient():
+def test_params_without_grad_are_skipped_like_torch():
     a = torch.nn.Parameter(torch.ones(2))
     b = torch.nn.Parameter(torch.ones(2))
-    opt = as_torch_optimizer(funcopt.sgd(0.5, momentum=0.9), [a, b])
+    opt = as_torch_optimizer(funcopt.adamw(0.5, weight_decay=0.1), [a, b])
     a.grad = torch.ones(2)
     opt.step()
-    torch.testing.assert_close(a.detach(), torch.full((2,), 0.5))
-    torch.testing.assert_close(b.detach(), torch.ones(2))
+    ref_a = torch.nn.Parameter(torch.ones(2))
+    ref = torch.optim.AdamW([ref_a, torch.nn.Parameter(torch.ones(2))], lr=0.5, weight_decay=0.1)
+    ref_a.grad = torch.ones(2)
+    ref.step()
+    torch.testing.assert_close(a.detach(), ref_a.detach())
+    torch.testing.assert_close(b.detach(), torch.ones(2))  # no step, no decay
+    assert funcopt.tree.leaves(opt.funcopt_state[0].mu)[1].abs().sum() == 0
 
 
 def test_accepts_module_dict_list_and_generator():

@@ -43,9 +43,11 @@ FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[
 
 # Last, after every factory is imported: torch.optim's argument names (lr=, betas=) get an error
 # naming funcopt's (learning_rate=, b1=, b2=) instead of a bare TypeError.
+import inspect as _inspect  # noqa: E402
+
 from funcopt.optimizers._common import with_torch_name_hints as _with_torch_name_hints  # noqa: E402
 
 for _name in __all__:
-    if callable(globals()[_name]):
+    if _inspect.isfunction(globals()[_name]):  # factories only, never a class such as a state type
         globals()[_name] = _with_torch_name_hints(globals()[_name])
 del _name

@@ -345,11 +345,6 @@ ROWS: dict[str, Row] = _rows(
         optax_name="nadamw", optax_kwargs=dict(learning_rate=1e-2, b1=0.8, eps_root=1e-8, weight_decay=0.05),
     ),
     Row("yogi", funcopt.yogi, dict(learning_rate=1e-2), optax_name="yogi", optax_kwargs=dict(learning_rate=1e-2)),
-    Row(
-        "yogi_b1_eps",
-        funcopt.yogi, dict(learning_rate=2e-2, b1=0.5, eps=1e-6),
-        optax_name="yogi", optax_kwargs=dict(learning_rate=2e-2, b1=0.5, eps=1e-6),
-    ),
     Row("novograd", funcopt.novograd, dict(learning_rate=1e-2), optax_name="novograd", optax_kwargs=dict(learning_rate=1e-2)),
     Row(
         "novograd_weight_decay",
@@ -357,10 +352,6 @@ ROWS: dict[str, Row] = _rows(
         optax_name="novograd", optax_kwargs=dict(learning_rate=1e-2, b2=0.5, eps_root=1e-6, weight_decay=0.1),
     ),
     Row("sm3", funcopt.sm3, dict(learning_rate=0.05), optax_name="sm3", optax_kwargs=dict(learning_rate=0.05)),
-    Row(
-        "sm3_no_momentum",
-        funcopt.sm3, dict(learning_rate=0.05, momentum=0.0), optax_name="sm3", optax_kwargs=dict(learning_rate=0.05, momentum=0.0),
-    ),
     Row("fromage", funcopt.fromage, dict(learning_rate=1e-2), optax_name="fromage", optax_kwargs=dict(learning_rate=1e-2)),
     Row(
         "fromage_schedule",

@@ -26,8 +26,16 @@ bandwidth) divided by the row's time.
 Shapes: S1 = ResNet-18's 62 parameter tensors (11.7M elements), S2 = one 16M-element tensor,
 S3 = an Iris MLP 4-1024-1024-3 (1.06M elements). All fp32.
 
+End to end (``--e2e``): forward + backward + step on small models, the rows interleaved the
+same way, ratio to ``torch.optim.Adam(fused=True)`` with ``zero_grad``/``backward``/``step``:
+the S3 MLP (4-1024-1024-3, batch 64), the digits MLP of ``examples/train_step_donation.py``
+(64-256-256-10, batch 64) and the quickstart's (64-128-10, batch 64; its loop is
+``grad_and_value`` + ``update`` + ``apply_updates``). ``--checks`` times the input checks of
+``update`` (``funcopt.base.check_update_inputs``) as a ratio to the same update without them.
+
 Run:
     python benchmarks/bench_step.py            # full run (about 3-6 minutes on 2 cores)
+    python benchmarks/bench_step.py --e2e --checks --sizes none   # small-model rows only
     python benchmarks/bench_step.py --quick    # short run, fewer rounds, no torch.compile row
     python benchmarks/bench_step.py --tune-allocator   # with funcopt.fast.configure_cpu_allocator()
 """
@@ -245,6 +253,133 @@ def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool) -> s
     return "\n".join(lines) + "\n"
 
 
+def _paired(rows: list[Row], ref: str, rounds: int, warmup: int) -> dict[str, tuple[float, float]]:
+    """Runs the rows interleaved in a new order each round; (median seconds, median paired ratio to ``ref``)."""
+    order = random.Random(0)
+    for r in range(warmup + rounds):
+        for row in order.sample(rows, len(rows)):
+            t = time.perf_counter()
+            row.step()
+            if r >= warmup:
+                row.times.append(time.perf_counter() - t)
+    base = next(row for row in rows if row.name == ref).times
+    return {
+        row.name: (statistics.median(row.times), statistics.median(t / b for t, b in zip(row.times, base)))
+        for row in rows
+    }
+
+
+def e2e_rows(sizes: tuple[int, ...], batch: int) -> list[Row]:
+    """One training step per row on an MLP of ``sizes``: torch fused, make_step donated and pure,
+    the quickstart loop."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, sizes[0], generator=gen)
+    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    model = build()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+
+    def torch_step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    rows = [Row("torch.optim.Adam(fused=True)", torch_step)]
+    template = build()
+
+    def loss_fn(params, xb, yb):
+        return F.cross_entropy(funcopt.nn.apply(template, params, None, xb), yb)
+
+    for label, donate in (("funcopt make_step (donate=True)", True), ("funcopt make_step (donate=False)", False)):
+        tx = funcopt.adam(1e-3)
+        box = {"p": funcopt.nn.extract(build())[0]}
+        box["s"] = tx.init(box["p"])
+        step_fn = funcopt.make_step(loss_fn, tx, donate=donate)
+
+        def step(box=box, step_fn=step_fn):
+            box["p"], box["s"], _ = step_fn(box["p"], box["s"], x, y)
+
+        rows.append(Row(label, step))
+    tx = funcopt.adam(1e-3)
+    box = {"p": funcopt.nn.extract(build())[0]}
+    box["s"] = tx.init(box["p"])
+    grad_and_loss = torch.func.grad_and_value(loss_fn)
+
+    def quickstart_step():
+        grads, _ = grad_and_loss(box["p"], x, y)
+        updates, box["s"] = tx.update(grads, box["s"], box["p"])
+        box["p"] = funcopt.apply_updates(box["p"], updates)
+
+    rows.append(Row("quickstart loop (grad_and_value + update + apply_updates)", quickstart_step))
+    return rows
+
+
+def run_e2e(rounds: int, warmup: int) -> str:
+    models = {
+        "S3 MLP 4-1024-1024-3, batch 64": ((4, 1024, 1024, 3), 64),
+        "digits MLP 64-256-256-10, batch 64": ((64, 256, 256, 10), 64),
+        "quickstart MLP 64-128-10, batch 64": ((64, 128, 10), 64),
+    }
+    lines = ["### End to end: forward + backward + Adam step", ""]
+    lines += ["| model | implementation | median ms | ratio to torch fused |", "| --- | --- | ---: | ---: |"]
+    for name, (sizes, batch) in models.items():
+        rows = e2e_rows(sizes, batch)
+        res = _paired(rows, "torch.optim.Adam(fused=True)", rounds * 10, warmup * 5)
+        for row in rows:
+            lines.append(f"| {name} | {row.name} | {res[row.name][0] * 1e3:.3f} | {res[row.name][1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_checks(rounds: int, warmup: int) -> str:
+    """The input checks of ``update`` as a ratio to the same update without them."""
+    import funcopt.base as base_module
+
+    check = getattr(base_module, "check_update_inputs", None)
+    lines = ["### The input checks of update (S3 shapes and the digits MLP's)", ""]
+    if check is None:
+        return "\n".join(lines + ["(this funcopt has no update input checks)"]) + "\n"
+    lines += ["| tree | route | with checks us | without us | ratio | check alone us |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    trees = {"S3": SIZES["S3"], "digits MLP": [(256, 64), (256,), (256, 256), (256,), (10, 256), (10,)]}
+    for tree_name, shapes in trees.items():
+        gen = torch.Generator().manual_seed(0)
+        params = {f"p{i}": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        for route, fast in (("reference (per-leaf chain)", False), ("fast route", True)):
+            tx = funcopt.adam(1e-3)
+            state = tx.init(params)
+
+            def step(tx=tx, state=state, fast=fast):
+                with fused.fast_path_enabled(fast):
+                    tx.update(grads, state, params)
+
+            def unchecked(step=step):
+                base_module.check_update_inputs = lambda *a: None
+                try:
+                    step()
+                finally:
+                    base_module.check_update_inputs = check
+
+            def alone(tx=tx, state=state):
+                check(tx.init, grads, state, params)
+
+            rows = [Row("with", step), Row("without", unchecked), Row("alone", alone)]
+            res = _paired(rows, "without", rounds * 20, warmup * 5)
+            lines.append(
+                f"| {tree_name} | {route} | {res['with'][0] * 1e6:.1f} | {res['without'][0] * 1e6:.1f} | "
+                f"{res['with'][1]:.3f} | {res['alone'][0] * 1e6:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, no torch.compile row")
@@ -253,6 +388,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="S1,S2,S3")
     parser.add_argument("--optimizers", default="adam,sgd_momentum")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--e2e", action="store_true", help="also the end-to-end rows (forward + backward + step)")
+    parser.add_argument("--checks", action="store_true", help="also the cost of update's input checks")
     parser.add_argument("--tune-allocator", action="store_true", help="call funcopt.fast.configure_cpu_allocator() first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -264,9 +401,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {rounds} rounds after {warmup} warm-up")
     status = "not installed" if native is None else "built" if native.available() else native.unavailable_reason()
     print(f"funcopt.fast.native kernels: {status}\n")
+    sizes = [] if args.sizes == "none" else args.sizes.split(",")
     for which in args.optimizers.split(","):
-        for size in args.sizes.split(","):
+        for size in sizes:
             print(run(which, size, rounds, warmup, compile_row), flush=True)
+    if args.e2e:
+        print(run_e2e(rounds, warmup), flush=True)
+    if args.checks:
+        print(run_checks(rounds, warmup), flush=True)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,34 @@ def test_configure_cpu_allocator_in_a_subprocess():
         assert out.stdout.strip() == "True"
 
 
+def test_first_large_pure_cpu_step_tunes_the_allocator_once_unless_switched_off():
+    code = (
+        "import warnings, torch, funcopt\n"
+        "p = {'w': torch.zeros(1 << 23)}\n"  # 32 MB: the threshold
+        "g = {'w': torch.ones(1 << 23)}\n"
+        "tx = funcopt.adam(1e-3)\n"
+        "s = tx.init(p)\n"
+        "funcopt.fast.auto_cpu_allocator(False)\n"
+        "with warnings.catch_warnings(record=True) as off:\n"
+        "    warnings.simplefilter('always')\n"
+        "    tx.update(g, s, p)\n"
+        "funcopt.fast.auto_cpu_allocator(True)\n"
+        "with warnings.catch_warnings(record=True) as on:\n"
+        "    warnings.simplefilter('always')\n"
+        "    small = {'w': torch.zeros(1000)}\n"
+        "    tx.update({'w': torch.ones(1000)}, tx.init(small), small)\n"
+        "    n_small = len(on)\n"
+        "    u, _ = tx.update(g, s, p)\n"
+        "    tx.update(g, s, p)\n"
+        "print(len(off), n_small, len(on), 'configure_cpu_allocator' in str(on[0].message), float(u['w'][0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    n_off, n_small, n_on, named, first = out.stdout.split()
+    assert (n_off, n_small, n_on, named) == ("0", "0", "1", "True")
+    assert float(first) == pytest.approx(-1e-3)  # Adam's first step: -lr * sign(g)
+
+
 def test_sparse_or_mismatched_gradients_are_not_taken_by_the_fast_path():
     params = {"w": torch.randn(4, 3)}
     tx = funcopt.sgd(0.1, momentum=0.9)

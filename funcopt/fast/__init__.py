@@ -24,7 +24,12 @@ step takes and why a faster one was not; :func:`fast_path_enabled` switches them
 """
 
 from funcopt.fast._backends import Backend, backends, register_backend
-from funcopt.fast._control import configure_cpu_allocator, fast_path_enabled, is_fast_path_enabled
+from funcopt.fast._control import (
+    auto_cpu_allocator,
+    configure_cpu_allocator,
+    fast_path_enabled,
+    is_fast_path_enabled,
+)
 from funcopt.fast._explain import Route, explain, fast_path_applies
 from funcopt.fast._plan import KernelCall
 from funcopt.fast._route import FastRoute, declare, fast_path_of
@@ -48,6 +53,7 @@ __all__ = [
     "fast_path_enabled",
     "is_fast_path_enabled",
     "configure_cpu_allocator",
+    "auto_cpu_allocator",
     "DonatedValueError",
     "apply_gradients",
     "is_donated",

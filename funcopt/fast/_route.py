@@ -18,6 +18,7 @@ import torch
 
 from funcopt.base import GradientTransformation, PyTree
 from funcopt.fast._backends import _BACKENDS
+from funcopt.fast._control import AUTO_ALLOCATOR
 from funcopt.fast._memo import Memo
 from funcopt.fast._plan import (
     _DTYPE,
@@ -275,6 +276,8 @@ class FastPath:
         if not torch.compiler.is_compiling() and self.usable():
             plan = self.plan(updates, state, params, donate=False)
             if type(plan) is Plan and (params is None or plan.p is not None or _params_fit(params, plan)):
+                if AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
+                    AUTO_ALLOCATOR.consider(plan.g)
                 result = self.run_backend(plan, state, write_params=False)
                 out, new_state = result if result is not None else self.run(plan, state, donate=False)
                 return optree.tree_unflatten(plan.spec, out), new_state
@@ -301,6 +304,8 @@ class FastPath:
         plan = self.plan(grads, state, params, donate=True)
         if type(plan) is not Plan:
             return None
+        if AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
+            AUTO_ALLOCATOR.consider(plan.g)
         result = self.run_backend(plan, state, write_params=True)
         if result is None and not (self.route.writes_state or self.route.copies_for_pure_step):
             updates, new_state = self.run(plan, state, donate=False)

@@ -65,7 +65,11 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
             views = [v.reshape([1] * i + [-1] + [1] * (g.dim() - i - 1)) for i, v in enumerate(vectors)]
             previous = functools.reduce(torch.minimum, views)
         g2 = g * g
-        return g2 + previous if plain_sum else (1 - b2) * g2 + b2 * previous
+        if plain_sum:
+            return g2 + previous
+        # b2 == 1 means the plain sum (optax's rule), also for a tensor b2 (inject_hyperparams)
+        c = torch.where(torch.as_tensor(b2) == 1.0, 1.0, 1 - torch.as_tensor(b2)) if torch.is_tensor(b2) else 1 - b2
+        return c * g2 + b2 * previous
 
     def new_vectors(acc: torch.Tensor) -> list[torch.Tensor]:
         if acc.dim() < 2:

@@ -149,6 +149,17 @@ from funcopt.transforms import skip_large_updates as skip_large_updates
 from funcopt.transforms import skip_not_finite as skip_not_finite
 from funcopt.transforms import skip_updates_if as skip_updates_if
 from funcopt.transforms import zero_nans as zero_nans
+from funcopt.transforms import DifferentiallyPrivateAggregateState as DifferentiallyPrivateAggregateState
+from funcopt.transforms import differentially_private_aggregate as differentially_private_aggregate
+from funcopt.transforms import HutchinsonState as HutchinsonState
+from funcopt.transforms import SophiaState as SophiaState
+from funcopt.transforms import gnb_estimator_diag_hessian as gnb_estimator_diag_hessian
+from funcopt.transforms import hutchinson_estimator_diag_hessian as hutchinson_estimator_diag_hessian
+from funcopt.transforms import scale_by_sophia as scale_by_sophia
+from funcopt.optimizers import dpsgd as dpsgd
+from funcopt.optimizers import sam as sam
+from funcopt.optimizers import SAMState as SAMState
+from funcopt.optimizers import sophia as sophia
 
 # catalog A: optax's aliases and their blocks
 from funcopt.optimizers import adabelief as adabelief

@@ -28,6 +28,7 @@ import torch
 
 import funcopt
 from funcopt import schedules, tree
+from tests import optax_oracles
 from tests.muon_reference import MuonOnMatrices, other_leaves_frozen
 
 
@@ -56,6 +57,36 @@ def clipped_adam(learning_rate=1e-2, max_norm=1.0, max_delta=0.5):
 def _contrib(name, factory, kwargs, **row):
     """A row of an optax.contrib optimizer: the same arguments on both sides (funcopt follows optax's names)."""
     return Row(name, factory, kwargs, optax_name=f"contrib.{factory.__name__}", optax_kwargs=kwargs, **row)
+
+
+def lookahead_adam(learning_rate=1e-2, sync_period=5, slow_step_size=0.5, reset_state=False):
+    """Lookahead around Adam, the slow weights in the state."""
+    return funcopt.lookahead(funcopt.adam(learning_rate), sync_period, slow_step_size, reset_state=reset_state)
+
+
+def squared_grads():
+    """A deterministic Hessian-diagonal stand-in for Sophia: ``g * g`` of the incoming gradients
+    (tests/optax_oracles.py gives optax the same)."""
+
+    def update(updates, state, params=None, **extra_args):
+        return tree.map(lambda g: g * g, updates), state
+
+    return funcopt.GradientTransformation(lambda params: funcopt.EmptyState(), update)
+
+
+def ema_params_adam(learning_rate=1e-2, decay=0.9):
+    """Adam with an EMA of its params in the state."""
+    return funcopt.ema_params(funcopt.adam(learning_rate), decay)
+
+
+def noisy_chain_sgd(learning_rate=0.05, eta=0.01):
+    """Annealed gradient noise (seeded from the state), then SGD."""
+    return funcopt.chain(funcopt.add_noise(eta, 0.55, key=1), funcopt.sgd(learning_rate))
+
+
+def skip_not_finite_adam(learning_rate=1e-2):
+    """Adam that skips steps with NaN/Inf gradients (optax.MultiSteps(k=1, skip_not_finite))."""
+    return funcopt.skip_updates_if(funcopt.adam(learning_rate), funcopt.skip_not_finite)
 
 
 # Optimizers whose update is piecewise constant in the gradients (sign): their unrolled
@@ -92,6 +123,10 @@ class Row:
     # Relative tolerance of the optax trajectory comparison, where the math cannot match to
     # 1e-9 (say why next to the row).
     optax_rtol: float = 1e-9
+    # Where optax's counterpart takes optax objects (lookahead, sam): a function of
+    # ``optax_kwargs`` returning the optax transformation (tests/optax_oracles.py), used instead
+    # of ``optax.<optax_name>(**optax_kwargs)``; ``optax_name`` still names the oracle.
+    optax_factory: Callable[..., Any] | None = None
 
     def make(self) -> funcopt.GradientTransformation:
         tx = self.factory(**self.kwargs)
@@ -136,6 +171,12 @@ class Row:
     def maximize(self) -> bool:
         """The optimizer ascends its objective: give it ``objective(name, loss_fn)``."""
         return bool(self.kwargs.get("maximize", False))
+
+    @property
+    def counts_every_call(self) -> bool:
+        """Every step count in the state advances on each update (not in sam, whose outer
+        optimizer steps once every ``sync_period`` calls)."""
+        return self.factory is not funcopt.sam
 
     @property
     def differentiable(self) -> bool:
@@ -476,6 +517,50 @@ ROWS: dict[str, Row] = _rows(
         dict(learning_rate=1.0, beta=0.8, lower_bound=-4.0, weight_decay=0.01, adapt_lower_bound=True),
         update_extras=("value",),
     ),
+    # --- blocks and wrappers (catalog C): lookahead, sam and sophia against optax through
+    # tests/optax_oracles.py; the compositions without an optax oracle run the batteries only
+    # (tests/test_catalog_wrappers.py, test_sam.py, test_sophia.py add their oracles).
+    Row(
+        "lookahead_adam", lookahead_adam, dict(learning_rate=1e-2, sync_period=5, slow_step_size=0.5),
+        optax_name="lookahead", optax_factory=optax_oracles.lookahead_adam,
+        optax_kwargs=dict(learning_rate=1e-2, sync_period=5, slow_step_size=0.5),
+    ),
+    Row(
+        "lookahead_adam_reset", lookahead_adam,
+        dict(learning_rate=1e-2, sync_period=3, slow_step_size=0.8, reset_state=True),
+        optax_name="lookahead", optax_factory=optax_oracles.lookahead_adam,
+        optax_kwargs=dict(learning_rate=1e-2, sync_period=3, slow_step_size=0.8, reset_state=True),
+    ),
+    Row(
+        "sam_sgd", funcopt.sam, dict(optimizer=funcopt.sgd(0.1), rho=0.05),
+        optax_name="contrib.sam", optax_factory=optax_oracles.sam_sgd, optax_kwargs=dict(learning_rate=0.1, rho=0.05),
+    ),
+    Row(
+        "sam_momentum_sync3_no_reset", funcopt.sam,
+        dict(
+            optimizer=funcopt.sgd(0.05, momentum=0.9),
+            adv_optimizer=funcopt.chain(funcopt.normalize(), funcopt.sgd(0.02, momentum=0.5)),
+            sync_period=3, reset_state=False,
+        ),
+        optax_name="contrib.sam", optax_factory=optax_oracles.sam_sgd,
+        optax_kwargs=dict(learning_rate=0.05, momentum=0.9, rho=0.02, adv_momentum=0.5, sync_period=3, reset_state=False),
+    ),
+    Row(
+        "sophia_squared_grads", funcopt.sophia, dict(learning_rate=1e-2, hessian_diagonal_fn=squared_grads()),
+        optax_name="contrib.sophia", optax_factory=optax_oracles.sophia, optax_kwargs=dict(learning_rate=1e-2),
+    ),
+    Row(
+        "sophia_interval3_decay", funcopt.sophia,
+        dict(
+            learning_rate=2e-2, b1=0.9, b2=0.95, gamma=0.05, clip_threshold=0.5, weight_decay=0.01,
+            update_interval=3, hessian_diagonal_fn=squared_grads(),
+        ),
+        optax_name="contrib.sophia", optax_factory=optax_oracles.sophia,
+        optax_kwargs=dict(learning_rate=2e-2, b1=0.9, b2=0.95, gamma=0.05, clip_threshold=0.5, weight_decay=0.01, update_interval=3),
+    ),
+    Row("ema_params_adam", ema_params_adam, dict(learning_rate=1e-2, decay=0.9)),
+    Row("add_noise_sgd", noisy_chain_sgd, dict(learning_rate=0.05, eta=0.01)),
+    Row("skip_not_finite_adam", skip_not_finite_adam, dict(learning_rate=1e-2)),
     # --- Compositions: a chain with no fast route; inject_hyperparams around a fast one
     Row("chain_clip_adam", clipped_adam, dict(learning_rate=1e-2)),
     Row("inject_adam", funcopt.inject_hyperparams(funcopt.adam), dict(learning_rate=1e-2)),
@@ -486,6 +571,7 @@ ROWS: dict[str, Row] = _rows(
 # file that covers them against their torch.optim oracle instead.
 OWN_BATTERY: dict[Callable[..., funcopt.GradientTransformation], str] = {
     funcopt.sparse_adam: "tests/test_sparse_adam.py (sparse COO gradients)",
+    funcopt.dpsgd: "tests/test_dpsgd.py (per-example gradients with a leading batch axis)",
 }
 
 

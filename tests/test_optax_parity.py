@@ -55,7 +55,10 @@ def value_and_grad(params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[
 
 
 def optax_transformation(row: registry.Row):
-    """``optax.<name>(**kwargs)`` for a dotted name such as ``contrib.prodigy``."""
+    """``optax.<name>(**kwargs)`` for a dotted name such as ``contrib.prodigy`` (or the row's
+    ``optax_factory(**kwargs)`` where optax's counterpart takes optax objects)."""
+    if row.optax_factory is not None:
+        return row.optax_factory(**row.optax_kwargs)
     *modules, name = row.optax_name.split(".")
     namespace = importlib.import_module(".".join(["optax", *modules]))
     return getattr(namespace, name)(**row.optax_kwargs)

@@ -94,9 +94,13 @@ def test_state_is_plain_containers_of_tensors(name):
     counts = counts_in(state)
     # Only accumulators of squared gradients (Adagrad's, RMSprop's) need no step count.
     count_free = (funcopt.EmptyState, funcopt.ScaleByRssState, funcopt.ScaleByRmsState)
-    assert counts or all(isinstance(s, count_free) for s in state), "stateful optimizers keep a step count"
+    # sam counts calls modulo sync_period only; its inner optimizers keep their own counts
+    assert counts or all(isinstance(s, count_free) for s in state) or not registry.row(name).counts_every_call, (
+        "stateful optimizers keep a step count"
+    )
     for c in counts:
-        assert c.shape == () and c.dtype == torch.int64 and int(c) == 1
+        assert c.shape == () and c.dtype == torch.int64
+        assert int(c) == 1 or not registry.row(name).counts_every_call
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,6 +14,10 @@ from funcopt.optimizers._classic import adadelta, asgd, rprop
 from funcopt.optimizers._muon import muon, muon_with_adamw
 from funcopt.optimizers._sgd import sgd
 from funcopt.optimizers._sparse_adam import sparse_adam
+# catalog C: SAM, Sophia, DP-SGD
+from funcopt.optimizers._dpsgd import dpsgd
+from funcopt.optimizers._sam import SAMState, sam
+from funcopt.optimizers._sophia import sophia
 # catalog B: optax.contrib
 from funcopt.optimizers._contrib_adaptive import ademamix, adopt, madgrad
 from funcopt.optimizers._contrib_free import (
@@ -36,7 +40,7 @@ from funcopt.optimizers._polyak import polyak_sgd
 from funcopt.optimizers._sign import sign_sgd, signum
 from funcopt.optimizers._sm3 import sm3
 
-__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "adabelief", "adan", "amsgrad", "adamaxw", "nadamw", "yogi", "novograd", "sm3", "fromage", "lars", "sign_sgd", "signum", "optimistic_gradient_descent", "optimistic_adam_v2", "noisy_sgd", "polyak_sgd", "schedule_free_adamw", "schedule_free_sgd", "adopt", "ademamix", "prodigy", "dadapt_adamw", "madgrad", "cocob", "dog", "dowg", "momo", "FAST_PATH_OPTIMIZERS"]
+__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "adabelief", "adan", "amsgrad", "adamaxw", "nadamw", "yogi", "novograd", "sm3", "fromage", "lars", "sign_sgd", "signum", "optimistic_gradient_descent", "optimistic_adam_v2", "noisy_sgd", "polyak_sgd", "schedule_free_adamw", "schedule_free_sgd", "adopt", "ademamix", "prodigy", "dadapt_adamw", "madgrad", "cocob", "dog", "dowg", "momo", "sam", "sophia", "dpsgd", "FAST_PATH_OPTIMIZERS"]
 
 FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
 """Names of the optimizers with a declared fast route."""

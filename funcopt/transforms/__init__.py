@@ -72,6 +72,14 @@ from funcopt.transforms._clipping_extra import (
 )
 from funcopt.transforms._ema_params import EmaParamsState, ema_params, ema_params_of
 from funcopt.transforms._lookahead import LookaheadParams, LookaheadState, lookahead, lookahead_slow_params
+from funcopt.transforms._privacy import DifferentiallyPrivateAggregateState, differentially_private_aggregate
+from funcopt.transforms._sophia import (
+    HutchinsonState,
+    SophiaState,
+    gnb_estimator_diag_hessian,
+    hutchinson_estimator_diag_hessian,
+    scale_by_sophia,
+)
 from funcopt.transforms._sanitize import (
     SkipUpdatesState,
     ZeroNansState,
@@ -237,6 +245,13 @@ __all__ = [
     "skip_not_finite",
     "skip_updates_if",
     "zero_nans",
+    "DifferentiallyPrivateAggregateState",
+    "differentially_private_aggregate",
+    "HutchinsonState",
+    "SophiaState",
+    "gnb_estimator_diag_hessian",
+    "hutchinson_estimator_diag_hessian",
+    "scale_by_sophia",
     # catalog A: optax's aliases
     "ScaleByAdanState",
     "ScaleByAmsgradState",

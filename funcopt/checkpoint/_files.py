@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 import zlib
 from typing import Any
@@ -31,7 +32,7 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["temp_name", "remove_stale_temporaries", "DirectoryLock", "STALE_AFTER_S"]
+__all__ = ["temp_name", "remove_stale_temporaries", "drop_cached_pages", "DirectoryLock", "STALE_AFTER_S"]
 
 STALE_AFTER_S = 3600.0
 """A temporary file not modified for this long is stale whatever its owner (a save writes continuously)."""
@@ -74,6 +75,29 @@ def _stale(name: str, mtime: float, now: float) -> bool:
     if now - mtime > STALE_AFTER_S:
         return True
     return host == _HOST and pid != os.getpid() and not pid_alive(pid)
+
+
+def drop_cached_pages(path: str) -> None:
+    """Asks the kernel to drop the page cache of a file about to be replaced (a hint; errors ignored).
+
+    Writing a new file needs as many fresh cache pages as it has bytes; the replaced file's pages
+    are released only at the rename, after the write, so on a machine short of free memory the
+    write would wait for reclaim. Dropping them first lets the write reuse them. Pages mapped by
+    a live process (a loaded checkpoint's tensors) are not dropped.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(directory: str) -> list[str]:

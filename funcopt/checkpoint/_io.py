@@ -15,7 +15,7 @@ import torch
 
 from funcopt.base import PyTree
 from funcopt.checkpoint._crc import crc32_async
-from funcopt.checkpoint._files import remove_stale_temporaries, temp_name
+from funcopt.checkpoint._files import drop_cached_pages, remove_stale_temporaries, temp_name
 from funcopt.checkpoint._format import (
     _CRC_ZERO,
     FORMAT,
@@ -174,6 +174,7 @@ def save(
     if not os.path.isdir(directory):
         raise CheckpointError(f"cannot save to {path}: the directory {directory} does not exist.")
     remove_stale_temporaries(directory)
+    drop_cached_pages(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "xb") as f:

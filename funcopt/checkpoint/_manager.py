@@ -17,7 +17,7 @@ from typing import Any, Callable, Union
 import torch
 
 from funcopt.base import PyTree
-from funcopt.checkpoint._files import DirectoryLock, remove_stale_temporaries
+from funcopt.checkpoint._files import DirectoryLock, drop_cached_pages, remove_stale_temporaries
 from funcopt.checkpoint._format import CheckpointError
 from funcopt.checkpoint._io import DeviceSpec, inspect, load, save
 
@@ -178,8 +178,20 @@ class CheckpointManager:
         meta["metrics"] = clean
         meta.setdefault("step", step)
         self._lock.acquire(f"CheckpointManager({self.directory!r}, prefix={self.prefix!r}).save")
-        path = save(self.path(step), tree, metadata=meta, step=step)
+        previous = self._metrics.get(step)
         self._metrics[step] = clean
+        existing = self.all_steps()
+        keep = self._to_keep(sorted({*existing, step}))
+        for old in existing:  # the files this save will prune: free their page cache for the new file
+            if old not in keep:
+                drop_cached_pages(self.path(old))
+        try:
+            path = save(self.path(step), tree, metadata=meta, step=step)
+        except BaseException:
+            self._metrics.pop(step, None)
+            if previous is not None:
+                self._metrics[step] = previous
+            raise
         steps = self.all_steps()
         keep = self._to_keep(steps)
         for old in steps:

@@ -76,7 +76,7 @@ def _adopt_kernel(call: KernelCall) -> list[torch.Tensor]:
     )
 )
 def adopt(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.9999,
     eps: float = 1e-6,
@@ -90,8 +90,8 @@ def adopt(
 
     ``clip_value_fn(t)`` bounds the normalized gradient at the 0-based step ``t`` (a float64
     0-dim tensor); ``None`` is ADOPT's ``t ** 0.25`` (optax's default) and keeps the fast route.
-    The first step only records ``g**2`` (its update is zero). optax's ``learning_rate`` has
-    no default; funcopt's is 1e-3 (the paper's).
+    The first step only records ``g**2`` (its update is zero). As in optax, ``learning_rate``
+    has no default (the paper uses 1e-3).
 
     Example:
         >>> tx = funcopt.adopt(1e-3)
@@ -148,7 +148,7 @@ def _ademamix_kernel(call: KernelCall) -> list[torch.Tensor]:
     )
 )
 def ademamix(
-    learning_rate: ScalarOrSchedule = 1e-3,
+    learning_rate: ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     b3: ScalarOrSchedule = 0.9999,
@@ -162,8 +162,8 @@ def ademamix(
     of the gradients (decay ``b3``), which keeps old gradients useful for much longer.
 
     ``b3`` and ``alpha`` may be schedules (the paper warms them up; a schedule keeps the
-    reference path). ``weight_decay`` is decoupled (AdamW's), limited to ``mask``.
-    optax's ``learning_rate`` has no default; funcopt's is 1e-3.
+    reference path). ``weight_decay`` is decoupled (AdamW's), limited to ``mask``. As in
+    optax, ``learning_rate`` has no default.
 
     References: Pagliardini, Ablin & Grangier, "The AdEMAMix Optimizer: Better, Faster, Older",
     2024, arXiv 2409.03137.
@@ -219,7 +219,7 @@ def _madgrad_kernel(call: KernelCall) -> list[torch.Tensor]:
     )
 )
 def madgrad(
-    learning_rate: ScalarOrSchedule = 1e-2,
+    learning_rate: ScalarOrSchedule,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     eps: float = 1e-6,
@@ -227,8 +227,8 @@ def madgrad(
     """MADGRAD (``optax.contrib.madgrad``): dual averaging with a cube-root AdaGrad scaling and
     momentum by averaging the iterates.
 
-    ``weight_decay`` is L2 added to the gradient. optax's ``learning_rate`` has no default;
-    funcopt's is 1e-2 (the paper's).
+    ``weight_decay`` is L2 added to the gradient. As in optax, ``learning_rate`` has no
+    default (the paper uses 1e-2).
 
     References: Defazio & Jelassi, "Adaptivity without Compromise: A Momentumized, Adaptive,
     Dual Averaged Gradient Method for Stochastic Optimization", 2021, arXiv 2101.11075.

@@ -10,7 +10,17 @@ interleaved, medians of ``--repeats`` runs after one warm-up:
 - ``sweep vmap-step``: ``funcopt.sweep.sweep(step_mode="vmap")`` (vmap of the optimizer update);
 - ``sweep stacked``: ``funcopt.sweep.sweep(step_mode="stacked")`` (the default for AdamW).
 
-Run: ``python benchmarks/bench_sweep.py [--steps 100] [--repeats 3] [--threads 2]``.
+``--model conv``: the same on a small convolutional net on the digits as 8x8 images
+(conv 1->8 3x3, tanh, conv 8->8 3x3, tanh, linear 512->10). Each table row also states the
+hardware limit of one batched step: its matmul/conv FLOPs (forward + backward) and the bytes
+the AdamW step must move (28 per parameter element), with the time they take at the matmul
+throughput and memory bandwidth measured in the same process.
+
+``--halving``: successive halving (4 rungs, keep 1/2: 47% of the full sweep's configuration
+steps) against the full sweep on 10 data orders: how often both pick the same best
+configuration (ranked by the final loss on the whole training set), and the compute ratio.
+
+Run: ``python benchmarks/bench_sweep.py [--ks 16] [--steps 100] [--repeats 3] [--threads 2] [--model conv] [--halving]``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,56 @@ import funcopt
 from funcopt import sweep as S
 
 
-def setup(batch: int, steps: int):
+class Images(torch.nn.Module):
+    """(B, 64) digits as (B, 1, 8, 8) images through two 3x3 convolutions and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x.reshape(-1, 1, 8, 8)))
+        h = torch.tanh(self.c2(h))
+        return self.head(h.flatten(-3))
+
+
+def build(model: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if model == "conv":
+        return Images()
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+
+
+def step_flops(model: torch.nn.Module, batch: int) -> int:
+    """Multiply-add FLOPs of one forward + backward pass (3x the forward's) for one configuration."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += 2 * batch * m.in_features * m.out_features
+        elif isinstance(m, torch.nn.Conv2d):
+            total += 2 * batch * 64 * m.out_channels * m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+    return 3 * total
+
+
+def machine_limits(threads: int) -> tuple[float, float]:
+    """(matmul FLOP/s, memory bytes/s) measured here: a batched matmul of the sweep's sizes, and
+    an in-place add on 64 MB buffers (12 bytes per element)."""
+    a, b = torch.randn(16, 128, 64), torch.randn(16, 64, 64)
+    x, y = torch.randn(1 << 24), torch.randn(1 << 24)
+    flops, bw = [], []
+    for _ in range(20):
+        t = time.perf_counter()
+        torch.bmm(a, b)
+        flops.append(2 * 16 * 128 * 64 * 64 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        x.add_(y)
+        bw.append(12 * (1 << 24) / (time.perf_counter() - t))
+    return statistics.median(flops), statistics.median(bw)
+
+
+def setup(batch: int, steps: int, model_name: str = "mlp"):
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
@@ -35,9 +94,7 @@ def setup(batch: int, steps: int):
     while len(batches) < steps:
         perm = torch.randperm(len(X), generator=g)
         batches += [(X[perm[i : i + batch]], y[perm[i : i + batch]]) for i in range(0, len(X) - batch + 1, batch)]
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
-    return model, batches[:steps]
+    return build(model_name), batches[:steps]
 
 
 def configs(k: int) -> dict[str, list[float]]:
@@ -86,6 +143,47 @@ def run_sweep(model, batches, hp, step_mode):
                    step_mode=step_mode, progress=False)
 
 
+def halving(args) -> None:
+    """Successive halving vs the full sweep on 10 data orders (see the module docstring)."""
+    k = args.ks[-1] if args.ks != [1, 8, 16, 32] else 16
+    hp = configs(k)
+    agree, full_cost, sh_cost, seconds = 0, 0, 0, [0.0, 0.0]
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    model = build(args.model)
+    loss_fn = make_loss(model)
+    params0, _ = funcopt.nn.extract(model)
+
+    def eval_fn(p):
+        return {"train_loss": loss_fn(p, (X, y))}
+
+    print(f"successive halving vs full sweep, K={k}, {args.steps} steps, 4 rungs keep 1/2, 10 data orders")
+    print("| order | full best | halving best | same |")
+    print("|---|---|---|---|")
+    for order in range(10):
+        g = torch.Generator().manual_seed(order)
+        batches = []
+        while len(batches) < args.steps:
+            perm = torch.randperm(len(X), generator=g)
+            batches += [(X[perm[i : i + args.batch]], y[perm[i : i + args.batch]])
+                        for i in range(0, len(X) - args.batch + 1, args.batch)]
+        common = dict(steps=args.steps, eval_fn=eval_fn, metric="train_loss", progress=False)
+        t = time.perf_counter()
+        full = S.sweep(loss_fn, params0, funcopt.adamw, hp, batches[: args.steps], **common)
+        seconds[0] += time.perf_counter() - t
+        t = time.perf_counter()
+        sh = S.successive_halving(loss_fn, params0, funcopt.adamw, hp, batches[: args.steps], rungs=4, keep=0.5, **common)
+        seconds[1] += time.perf_counter() - t
+        a, b = full.best().index, sh.best().index
+        agree += a == b
+        full_cost += sum(full.steps_trained)
+        sh_cost += sum(sh.steps_trained)
+        print(f"| {order} | {a} | {b} | {'yes' if a == b else 'no'} |", flush=True)
+    print(f"\nsame best configuration in {agree} of 10; configuration-steps {sh_cost / full_cost:.2f} "
+          f"of the full sweep's; wall time {seconds[1] / seconds[0]:.2f} of the full sweep's")
+
+
 def step_only(model, k: int, repeats: int, inner: int = 20) -> dict[str, float]:
     """Milliseconds per optimizer step for K configurations (no forward/backward)."""
     from funcopt.sweep import stacked_update, vmapped_update
@@ -95,7 +193,7 @@ def step_only(model, k: int, repeats: int, inner: int = 20) -> dict[str, float]:
     grads = [{n: torch.randn_like(v) for n, v in params0.items()} for _ in range(k)]
     modules = []
     for lr, wd in zip(hp["learning_rate"], hp["weight_decay"]):
-        m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+        m = build("mlp") if isinstance(model, torch.nn.Sequential) else build("conv")
         opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd, fused=True)
         for p, g in zip(m.parameters(), grads[len(modules)].values()):
             p.grad = g.clone()
@@ -130,20 +228,34 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--ks", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--model", choices=["mlp", "conv"], default="mlp")
+    ap.add_argument("--halving", action="store_true", help="successive halving vs the full sweep on 10 data orders")
+    ap.add_argument("--no-step-table", action="store_true", help="skip the optimizer-step-only table")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, batches = setup(args.batch, args.steps)
+    model, batches = setup(args.batch, args.steps, args.model)
+    if args.halving:
+        halving(args)
+        return
+    flop_rate, bandwidth = machine_limits(torch.get_num_threads())
+    flops = step_flops(model, args.batch)
+    n_params = sum(p.numel() for p in model.parameters())
     methods = {
         "loop torch.optim": lambda hp: loop_torch(model, batches, hp),
         "loop funcopt": lambda hp: loop_funcopt(model, batches, hp),
         "sweep vmap-step": lambda hp: run_sweep(model, batches, hp, "vmap"),
         "sweep stacked": lambda hp: run_sweep(model, batches, hp, "stacked"),
     }
-    print(f"digits MLP 64-64-10, AdamW, batch {args.batch}, {args.steps} steps, "
+    what = "digits MLP 64-64-10" if args.model == "mlp" else "digits conv net (8x8 images)"
+    print(f"{what}, AdamW, batch {args.batch}, {args.steps} steps, "
           f"{torch.get_num_threads()} threads, medians of {args.repeats} (seconds)")
-    header = ["K", *methods, "speedup vs torch.optim loop", "speedup vs funcopt loop"]
+    print(f"measured here: batched matmul {flop_rate / 1e9:.0f} GFLOP/s, memory {bandwidth / 1e9:.1f} GB/s; "
+          f"per configuration and step: {flops / 1e6:.2f} MFLOP (forward + backward), "
+          f"{28 * n_params / 1e3:.0f} kB moved by AdamW")
+    header = ["K", *methods, "speedup vs torch.optim loop", "speedup vs funcopt loop",
+              "sweep ms/step", "limit ms/step (FLOPs / rate + bytes / bandwidth)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for k in args.ks:
@@ -160,8 +272,12 @@ def main(argv=None):
         med = {m: statistics.median(v) for m, v in times.items()}
         cells = [str(k), *(f"{med[m]:.3f}" for m in methods),
                  f"{med['loop torch.optim'] / med['sweep stacked']:.1f}x",
-                 f"{med['loop funcopt'] / med['sweep stacked']:.1f}x"]
+                 f"{med['loop funcopt'] / med['sweep stacked']:.1f}x",
+                 f"{med['sweep stacked'] / args.steps * 1e3:.2f}",
+                 f"{(k * flops / flop_rate + 28 * k * n_params / bandwidth) * 1e3:.2f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.no_step_table:
+        return
     print("\nOptimizer step only (AdamW on the same MLP, ms per step for all K configurations)")
     rows = {k: step_only(model, k, args.repeats) for k in args.ks}
     names = list(rows[args.ks[0]])

@@ -429,3 +429,44 @@ def test_scalar_eval_progress_bar_and_dropout_randomness(capfd):
     res = S.sweep(dropout_loss, init(0), funcopt.sgd, {"learning_rate": [0.1, 0.1]}, batches, steps=1,
                   randomness="different", progress=False)
     assert not torch.equal(res.loss[0], res.loss[1])  # independent dropout masks per configuration
+
+
+def test_conv_net_sweep_in_one_buffer_equals_separate_runs_float64():
+    """The one-(K, N)-buffer layout and the autograd backward on a conv net (digits-like 8x8
+    images): each configuration equals its own run to 1e-10 in float64."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.Flatten(),
+                              torch.nn.Linear(3 * 64, 4)).double()
+    params, _ = funcopt.nn.extract(net)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 4, (6,), generator=g))
+               for _ in range(3)]
+
+    def loss_fn(p, batch):
+        return torch.nn.functional.cross_entropy(funcopt.nn.apply(net, p, None, batch[0]), batch[1])
+
+    hp = S.grid(learning_rate=[1e-2, 1e-1], weight_decay=[0.0, 0.1])
+    plan = _sweep_impl._make_plan(loss_fn, params, funcopt.adamw, hp, batches, eval_fn=None, eval_every=None,
+                                  chunk_size=None, seeds=None, step_mode="auto", randomness="error", replay=False,
+                                  metric=None, mode="min")
+    assert plan.step_mode == "stacked" and plan.columns  # the fast layout is the one under test
+    res = S.sweep(loss_fn, params, funcopt.adamw, hp, batches, steps=3, progress=False)
+    for i in range(4):
+        tx = funcopt.adamw(hp["learning_rate"][i], weight_decay=hp["weight_decay"][i])
+        alone, _, losses = _train_alone(loss_fn, params, tx, batches, 3)
+        assert_trees_close(res.select(i)[0], alone, rtol=1e-10, atol=1e-12, msg=f"config {i}")
+        torch.testing.assert_close(res.loss[i], torch.tensor(losses, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+
+
+def test_masked_optimizers_keep_the_per_leaf_layout():
+    """An optimizer that treats leaves differently fails the layout probe and keeps per-leaf steps."""
+    _, init, loss_fn, batches, _ = _problem()
+    mask = lambda p: {k: k.endswith("weight") for k in p}  # noqa: E731
+    opt = lambda learning_rate=0.1: funcopt.adamw(learning_rate, weight_decay=0.5, mask=mask)  # noqa: E731
+    plan = _sweep_impl._make_plan(loss_fn, init(0), opt, {"learning_rate": [0.01, 0.1]}, batches, eval_fn=None,
+                                  eval_every=None, chunk_size=None, seeds=None, step_mode="stacked",
+                                  randomness="error", replay=False, metric=None, mode="min")
+    assert not plan.columns
+    res = S.sweep(loss_fn, init(0), opt, {"learning_rate": [0.01, 0.1]}, batches, steps=3, progress=False)
+    alone, _, _ = _train_alone(loss_fn, init(0), funcopt.inject_hyperparams(opt)(learning_rate=0.1), batches, 3)
+    assert_trees_close(res.select(1)[0], alone, rtol=1e-10, atol=1e-12)

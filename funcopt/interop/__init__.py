@@ -2,8 +2,11 @@
 
 - :func:`from_torch` / :func:`to_torch` convert a ``torch.optim`` ``state_dict`` into a funcopt
   optimizer state and back (:data:`SUPPORTED` lists the classes);
-- :func:`as_torch_optimizer` wraps a funcopt transformation as a ``torch.optim.Optimizer``
-  (:class:`FuncoptOptimizer`) for code written around ``optimizer.step()``;
+- :func:`as_torch_optimizer` wraps a funcopt optimizer as a ``torch.optim.Optimizer``
+  (:class:`FuncoptOptimizer`), a drop-in for torch.optim in existing code: param groups with
+  per-group hyperparameters in torch's names, every ``torch.optim.lr_scheduler``, torch's
+  skipping of ``None`` gradients, and ``load_state_dict`` of a torch.optim ``state_dict`` to
+  continue a run (see ``docs/migrating.md``);
 - :func:`state_to_plain` / :func:`state_from_plain` turn a state into plain containers (for
   ``state_dict``) and back.
 """

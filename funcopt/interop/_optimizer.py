@@ -311,6 +311,8 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         fast = fast_path_of(tx)
         if fast is None or any(x.is_sparse for x in grads):
             return False
+        if any(type(v) is not torch.Tensor for v in views):  # a tensor subclass (DTensor): no storage to plan over
+            return False
         grad_tree = optree.tree_unflatten(g.spec, grads)
         result = fast.donated_update(grad_tree, g.state, optree.tree_unflatten(g.spec, views))
         if result is None:

@@ -235,3 +235,22 @@ def test_threaded_crc_equals_zlib_and_big_tensors_round_trip(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="fails its checksum"):
         ck.load(f)
+
+
+def test_plain_safetensors_with_misaligned_tensors_load_exactly(tmp_path):
+    import json
+
+    a, b = torch.tensor([1, -2, 3], dtype=torch.int8), torch.tensor([0.5, -1.25], dtype=torch.float32)
+    header = {"a": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    f = tmp_path / "plain.safetensors"
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + a.numpy().tobytes() + b.numpy().tobytes())
+    from safetensors.torch import load_file
+
+    reference = load_file(str(f))  # the safetensors library agrees with the layout
+    for mmap in (True, False):
+        out = ck.load(f, mmap=mmap)
+        assert list(out) == ["a", "b"]
+        assert torch.equal(out["a"], a) and torch.equal(out["b"], b) and torch.equal(out["b"], reference["b"])

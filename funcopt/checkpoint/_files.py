@@ -171,7 +171,7 @@ class DirectoryLock:
         if fd is not None:
             try:
                 os.close(fd)  # closing drops the flock
-            except OSError:
+            except Exception:  # noqa: BLE001 - also runs from __del__ at interpreter exit
                 pass
 
     def __del__(self) -> None:

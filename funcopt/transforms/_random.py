@@ -86,13 +86,23 @@ def _draw_key(seed: torch.Tensor, count: torch.Tensor, stream: int) -> tuple[tor
     return threefry2x32(k0, k1, count & _MASK, ((count >> 32) & _MASK) ^ stream)
 
 
-def _leaf_words(key: tuple[torch.Tensor, torch.Tensor], leaf: torch.Tensor, index: int):
-    n = leaf.numel()
-    if n > _MASK + 1:
-        raise FuncoptError(f"random draws support leaves of at most 2**32 elements, got {n}.")
-    counter = torch.arange(n, dtype=torch.int64, device=leaf.device)
-    y0, y1 = threefry2x32(key[0], key[1], counter, torch.full_like(counter, index))
-    return y0.reshape(leaf.shape), y1.reshape(leaf.shape)
+def _words(key: tuple[torch.Tensor, torch.Tensor], leaves: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The two 32-bit words of every element of every leaf: one Threefry pass over all of them
+    per device (element ``i`` of leaf ``j`` is the counter ``(i, j)``)."""
+    out: list[Any] = [None] * len(leaves)
+    by_device: dict[torch.device, list[int]] = {}
+    for j, leaf in enumerate(leaves):
+        if leaf.numel() > _MASK + 1:
+            raise FuncoptError(f"random draws support leaves of at most 2**32 elements, got {leaf.numel()}.")
+        by_device.setdefault(leaf.device, []).append(j)
+    for device, idx in by_device.items():
+        sizes = [leaves[j].numel() for j in idx]
+        x0 = torch.cat([torch.arange(n, dtype=torch.int64, device=device) for n in sizes])
+        x1 = torch.cat([torch.full((n,), j, dtype=torch.int64, device=device) for j, n in zip(idx, sizes)])
+        y0, y1 = threefry2x32(key[0], key[1], x0, x1)
+        for j, a, b in zip(idx, y0.split(sizes, dim=-1), y1.split(sizes, dim=-1)):
+            out[j] = (a.reshape(leaves[j].shape), b.reshape(leaves[j].shape))
+    return out
 
 
 def _work_dtype(leaf: torch.Tensor) -> torch.dtype:
@@ -102,10 +112,9 @@ def _work_dtype(leaf: torch.Tensor) -> torch.dtype:
 def normal_like(tree: PyTree, seed: torch.Tensor, count: torch.Tensor, stream: int) -> PyTree:
     """Standard normal noise shaped like ``tree`` (each leaf's dtype), a pure function of the
     0-dim ``seed`` and ``count`` tensors and the ``stream`` number."""
-    key = _draw_key(seed, count, stream)
+    leaves = _tree.leaves(tree)
     out = []
-    for j, leaf in enumerate(_tree.leaves(tree)):
-        y0, y1 = _leaf_words(key, leaf, j)
+    for leaf, (y0, y1) in zip(leaves, _words(_draw_key(seed, count, stream), leaves)):
         dtype = _work_dtype(leaf)
         u1 = (y0.to(dtype) + 1.0) * 2.0**-32  # (0, 1]
         u2 = y1.to(dtype) * 2.0**-32  # [0, 1)
@@ -117,9 +126,8 @@ def normal_like(tree: PyTree, seed: torch.Tensor, count: torch.Tensor, stream: i
 def rademacher_like(tree: PyTree, seed: torch.Tensor, count: torch.Tensor, stream: int) -> PyTree:
     """Random signs (+1 or -1, each with probability 1/2) shaped like ``tree``, as
     :func:`normal_like` draws them."""
-    key = _draw_key(seed, count, stream)
+    leaves = _tree.leaves(tree)
     out = []
-    for j, leaf in enumerate(_tree.leaves(tree)):
-        y0, _ = _leaf_words(key, leaf, j)
+    for leaf, (y0, _) in zip(leaves, _words(_draw_key(seed, count, stream), leaves)):
         out.append(((y0 & 1) * 2 - 1).to(leaf.dtype))
     return _tree.structure(tree).unflatten(out)

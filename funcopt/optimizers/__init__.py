@@ -16,7 +16,8 @@ from funcopt.optimizers._sgd import sgd
 from funcopt.optimizers._sparse_adam import sparse_adam
 # catalog C: SAM, Sophia, DP-SGD
 from funcopt.optimizers._dpsgd import dpsgd
-from funcopt.optimizers._sam import SAMState, sam
+from funcopt.optimizers._sam import SAMState as SAMState  # a state type: not in __all__ (factories only)
+from funcopt.optimizers._sam import sam
 from funcopt.optimizers._sophia import sophia
 # catalog B: optax.contrib
 from funcopt.optimizers._contrib_adaptive import ademamix, adopt, madgrad

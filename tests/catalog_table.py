@@ -30,6 +30,7 @@ OTHER_ORACLES = {
     "lamb": "the paper's equations, element by element (tests/test_parity.py)",
     "muon_with_adamw": "torch.optim.Muon + torch.optim.AdamW (tests/test_muon.py)",
     "sparse_adam": "torch.optim.SparseAdam (tests/test_sparse_adam.py)",
+    "dpsgd": "optax.contrib.dpsgd with the noise off, and the noise's law (tests/test_dpsgd.py)",
 }
 
 

@@ -41,6 +41,7 @@ MAX_HEADER = 100 * 1024 * 1024
 _MAGIC = ("funcopt", _CRC_KEY)
 _QUOTED = re.compile(r'"[^"]*"')
 _DICT_BYTES, _LIST_BYTES = 200, 72
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _MAX_DIM = 1 << 62
 
 
@@ -69,7 +70,10 @@ def json_bounded(text: str, what: str, fail: Any, factor: int) -> Any:
 
 
 def _looks_like_funcopt(meta: dict[str, Any]) -> bool:
-    """Whether plain-looking metadata is in fact a funcopt header with a damaged key."""
+    """Whether plain-looking metadata is in fact a funcopt header with a damaged key (funcopt writes
+    two metadata keys; damage does not add keys, so long key lists are not checked key by key)."""
+    if len(meta) > 16:
+        return False
     for k, v in meta.items():
         low = k.lower()
         if "funcopt" in low or "crc32" in low or any(edit_distance(low, m, 3) <= 2 for m in _MAGIC):
@@ -174,7 +178,7 @@ class Reader:
         self.entries: dict[str, dict[str, Any]] = {}
         spans = []
         for key, e in header.items():
-            if (not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"} or e["dtype"] not in _BY_CODE
+            if (not isinstance(e, dict) or not _ENTRY_FIELDS <= e.keys() or e["dtype"] not in _BY_CODE
                     or not isinstance(e["shape"], list) or len(e["shape"]) > 64
                     or not all(_is_int(s) and 0 <= s < _MAX_DIM for s in e["shape"])
                     or not isinstance(e["data_offsets"], list) or len(e["data_offsets"]) != 2

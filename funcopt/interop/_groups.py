@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable
 
 import torch
@@ -28,6 +28,8 @@ def as_float(x: Any) -> float:
 
 
 def same(a: Any, b: Any) -> bool:
+    if a is b:  # the common case at each step: nothing wrote the entry
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
@@ -108,6 +110,14 @@ def group_tree(params: Any, where: str) -> PyTree:
     return tree
 
 
+def once(params: Any) -> Any:
+    """``params`` as a list where it is an iterator (``model.parameters()``), which could be
+    read only once; anything else (a module, a dict, a list, a tensor) as it is."""
+    if isinstance(params, Iterator):
+        return list(params)
+    return params
+
+
 def is_group_list(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(g, Mapping) for g in x) and any(
         "params" in g for g in x
@@ -159,6 +169,12 @@ class FactorySource:
         self.zero = {k for k, v in self.hyper.items() if v == 0}
         self.current = dict(self.hyper)
         self._cache: tuple[tuple[float, ...], GradientTransformation] | None = None
+        # The fast route's transformation holds each hyperparameter that is not 0 at the build
+        # in a 0-dim float64 CPU tensor (a "cell"): it is built once, a new value is written
+        # into its cell, and the fast route reads the cells as floats at each step.
+        self.cells = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.hyper.items() if k not in self.zero}
+        self._in_cells = {k: self.hyper[k] for k in self.cells}
+        self._fast: tuple[tuple[float, ...], GradientTransformation] | None = None
         self.build(self.hyper)  # range checks now, with the values given
 
     def keys(self, values: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -231,6 +247,26 @@ class FactorySource:
         }
         tx = self.factory(**self.static, **args)
         self._cache = (key, tx)
+        return tx
+
+    def fast(self, values: Mapping[str, float]) -> GradientTransformation:
+        """The transformation for ``values`` around the cells: rebuilt only when a value that
+        was 0 at the build changes (that value decides the chain's blocks), otherwise the same
+        object with the new values written into its cells, so that a learning rate or betas
+        changed at every step (any LR scheduler) rebuild and re-plan nothing.
+
+        Its fast route reads the cells as Python floats, which are exactly ``values``; its
+        reference chain would compute with CPU tensors, so :meth:`build` serves that path."""
+        for k, cell in self.cells.items():
+            v = values[k]
+            if self._in_cells[k] != v:
+                cell.fill_(v)
+                self._in_cells[k] = v
+        key = tuple(values[k] for k in self.zero)
+        if self._fast is not None and self._fast[0] == key:
+            return self._fast[1]
+        tx = self.factory(**self.static, **self.cells, **{k: values[k] for k in self.zero})
+        self._fast = (key, tx)
         return tx
 
     def revived(self, values: Mapping[str, float]) -> list[str]:

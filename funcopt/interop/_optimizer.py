@@ -34,6 +34,7 @@ from funcopt.interop._groups import (
     check_switches,
     group_tree,
     is_group_list,
+    once,
     provenance,
     translate,
 )
@@ -104,11 +105,13 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         else:
             self._factory = tx
             self._base = translate(kwargs, inspect.signature(tx).parameters, f"as_torch_optimizer({tx.__name__})")
+        params = once(params)  # a generator (model.parameters()) is read here, once
         self._single = not is_group_list(params)
         groups = [{"params": params}] if self._single else [dict(g) for g in params]
         for i, g in enumerate(groups):
             if "params" not in g:
                 raise FuncoptError(f"param_groups[{i}] has no 'params' entry; torch.optim's groups are dicts with 'params'.")
+            g["params"] = once(g["params"])
         self._groups: list[_Group] = []
         if self._factory is not None:
             defaults = FactorySource(self._factory, self._base, "").keys()
@@ -240,28 +243,30 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         self._sync_devices(g, leaves)
         if isinstance(g.source, FactorySource):
             values = g.source.read(group, g.written, label)
-            tx = g.source.build(values)
             revived = g.source.revived(values)
             if revived:
                 meta = g.view([torch.empty_like(p, device="meta") for p in leaves])
-                if _tree.structure(tx.init(meta)) != _tree.structure(g.state):
+                if _tree.structure(g.source.build(values).init(meta)) != _tree.structure(g.state):
                     raise FuncoptError(
                         f"{label} set {revived} to {[values[k] for k in revived]}, but the group was built with 0 "
                         f"there, so {g.source.name}'s chain was built without that block (no momentum buffer, no "
                         "decay step). Give the group a non-zero value when building the optimizer (or do not let "
                         "a scheduler cycle it: OneCycleLR(cycle_momentum=False))."
                     )
-            self._publish(i, g.source.commit(values))
+            if values != g.source.current:
+                self._publish(i, g.source.commit(values))
         else:
-            tx = g.source.tx
             g.state = g.source.apply(g.state, group, g.written, label)
         grads, have = gather_grads(g.paths, leaves, g.where, zeros=closure is not None)
         if not any(have):
             return
         skipped = [not h for h in have]
         views = [p.detach() for p in leaves]
-        if not any(skipped) and group.get("foreach") is not False and self._fused_step(g, tx, leaves, views, grads):
-            return
+        if not any(skipped) and group.get("foreach") is not False:
+            fast = g.source.fast(values) if isinstance(g.source, FactorySource) else g.source.tx
+            if self._fused_step(g, fast, leaves, views, grads):
+                return
+        tx = g.source.build(values) if isinstance(g.source, FactorySource) else g.source.tx
         grads = [x if x is not None else torch.zeros_like(p) for x, p in zip(grads, leaves)]
         if closure is None:
             params = optree.tree_unflatten(g.spec, views)

@@ -156,13 +156,24 @@ def test_a_second_writer_is_refused_and_readers_keep_working(tmp_path):
     assert mine.all_steps() == [100, 101]
     with open(tmp_path / ".ckpt.lock") as f:
         assert f.read().split()[0] == str(os.getpid())
-    # two managers in one process: the second is refused until the first closes
+    # two managers in one process (a run restarted in the same interpreter): the newer one takes
+    # the lock over, and the older one may no longer save
     second = CheckpointManager(tmp_path, max_to_keep=2)
-    with pytest.raises(CheckpointError, match="another writer"):
-        second.save(102, {"x": torch.zeros(3)})
-    mine.close()
     second.save(102, {"x": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="newer CheckpointManager .* took over"):
+        mine.save(103, {"x": torch.zeros(3)})
     assert second.all_steps() == [101, 102]
+    # another process is still refused while the newer manager holds the lock
+    probe = subprocess.run([sys.executable, "-c", (
+        "import sys, torch, funcopt.checkpoint as ck\n"
+        "try:\n    ck.CheckpointManager(sys.argv[1]).save(7, {'x': torch.ones(1)})\n"
+        "except ck.CheckpointError as e:\n    print('refused' if 'another writer' in str(e) else e)\n"), str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "refused", probe.stderr[-2000:]
+    second.close()
+    third = CheckpointManager(tmp_path, max_to_keep=2)
+    third.save(104, {"x": torch.zeros(3)})
+    assert third.all_steps() == [102, 104]
 
 
 def test_mapped_loads_are_private_copies(tmp_path):

@@ -11,7 +11,8 @@ process is gone.
 :class:`DirectoryLock` is the lock a ``CheckpointManager`` takes before its first save: an
 advisory ``flock`` on ``.<prefix>.lock`` holding the owner's pid and host, so the kernel releases
 it when the owner dies (a stale lock file is simply taken over) and a second live writer is
-refused with the owner's pid.
+refused with the owner's pid. Inside one process a newer manager takes the lock over from an
+older one, which may then no longer save.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import secrets
 import socket
 import stat
 import time
+import weakref
 import zlib
 from typing import Any
 
@@ -121,12 +123,22 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     return removed
 
 
+_HOLDERS: dict[str, Any] = {}
+"""Lock file path -> weak reference to the DirectoryLock of this process that holds it."""
+
+
 class DirectoryLock:
-    """An exclusive, advisory writer lock on ``path``; released on :meth:`release` or when the process dies."""
+    """An exclusive, advisory writer lock on ``path``; released on :meth:`release` or when the process dies.
+
+    Within one process a newer lock on the same file takes it over from an older one (a run
+    restarted in the same interpreter, a notebook cell run again); the older one is then refused.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._key = os.path.realpath(path)
         self._fd: int | None = None
+        self._superseded = False
 
     @property
     def held(self) -> bool:
@@ -143,9 +155,27 @@ class DirectoryLock:
             return f"process {text[0]} on host {text[1]}{here}"
         return "another process"
 
+    def _record_owner(self) -> None:
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
+        except OSError:
+            pass  # the lock is held; the owner line is only informative
+
     def acquire(self, what: str) -> None:
         """Takes the lock or raises :class:`CheckpointError` naming its owner."""
+        if self._superseded:
+            raise CheckpointError(
+                f"{what}: a newer CheckpointManager on the same directory and prefix in this process took over "
+                f"the writer lock {self.path}; this one may no longer save (two writers would delete each "
+                "other's checkpoints). Save through the newer manager.", self.path)
         if self._fd is not None or fcntl is None:
+            return
+        ref = _HOLDERS.get(self._key)
+        other = ref() if ref is not None else None
+        if other is not None and other is not self and other._fd is not None:
+            self._fd, other._fd, other._superseded = other._fd, None, True
+            _HOLDERS[self._key] = weakref.ref(self)
             return
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -159,17 +189,17 @@ class DirectoryLock:
                 f"{what}: another writer, {self._owner()}, holds {self.path}. Two writers on one directory "
                 "would delete each other's checkpoints. Stop the other writer, or use another directory or "
                 "prefix; reading (restore, latest_step, all_steps) works without the lock.", self.path) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.time():.0f}\n".encode(), 0)
-        except OSError:
-            pass  # the lock is held; the owner line is only informative
         self._fd = fd
+        self._record_owner()
+        _HOLDERS[self._key] = weakref.ref(self)
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             try:
+                ref = _HOLDERS.get(self._key)
+                if ref is not None and ref() is self:
+                    del _HOLDERS[self._key]
                 os.close(fd)  # closing drops the flock
             except Exception:  # noqa: BLE001 - also runs from __del__ at interpreter exit
                 pass

@@ -47,9 +47,10 @@ class CheckpointManager:
     Temporary files left by a killed save (funcopt's own, whose process is gone) are removed when
     a manager is created and by every save. One writer per directory and prefix: the first
     :meth:`save` takes the lock file ``.<prefix>.lock`` (an advisory ``flock`` holding the owner's
-    pid, released when the process exits or on :meth:`close`), and a second manager saving into
-    the same directory raises :class:`CheckpointError` naming the owner. Readers (``restore``,
-    ``latest_step``...) take no lock.
+    pid, released when the process exits or on :meth:`close`), and a manager of another process
+    saving into the same directory raises :class:`CheckpointError` naming the owner; within one
+    process a newer manager takes the lock over and the older one may no longer save. Readers
+    (``restore``, ``latest_step``...) take no lock.
     """
 
     def __init__(

@@ -18,6 +18,13 @@ and the names older funcopt versions recorded (``"funcopt.transforms:ScaleByAdam
 The file stays a valid safetensors file, so ``safetensors.torch.load_file`` reads its tensors
 too; conversely :func:`load` reads a plain safetensors file as a flat dict of tensors.
 
+Every damaged, truncated, forged or foreign file raises :class:`CheckpointError` naming the file
+(only regular files are opened; offsets follow safetensors' rules; a near miss of the magic keys
+is refused rather than read as plain safetensors; the funcopt document is validated whole; header
+parsing is bounded in memory); otherwise the data is bitwise what was saved. CPU tensors are
+memory-mapped copy-on-write (``load(mmap=False)`` copies). A :class:`CheckpointManager` takes a
+writer lock on its first save. The user guide is ``docs/checkpoints.md``.
+
 Example:
     >>> tx = funcopt.adam(1e-3)
     >>> funcopt.checkpoint.save("ckpt.safetensors", {"params": params, "opt_state": state})

@@ -76,11 +76,15 @@ def _fsync_dir(directory: str) -> None:
 
 _CHUNK = 64 << 20
 _OS_HINTS = {
-    errno.ENOSPC: "the disk is full: free space or save elsewhere",
-    errno.EDQUOT: "the disk quota is exceeded: free space or save elsewhere",
-    errno.EACCES: "permission denied: check the directory's permissions",
-    errno.EPERM: "operation not permitted: check the directory's permissions",
-    errno.EROFS: "the file system is read-only: save elsewhere",
+    getattr(errno, name): hint
+    for name, hint in (
+        ("ENOSPC", "the disk is full: free space or save elsewhere"),
+        ("EDQUOT", "the disk quota is exceeded: free space or save elsewhere"),
+        ("EACCES", "permission denied: check the directory's permissions"),
+        ("EPERM", "operation not permitted: check the directory's permissions"),
+        ("EROFS", "the file system is read-only: save elsewhere"),
+    )
+    if hasattr(errno, name)
 }
 
 
@@ -120,7 +124,12 @@ def save(
     ``int``/``float``/``bool``/``str``; nodes may be dicts (str or int keys), OrderedDicts, lists,
     tuples, NamedTuples and ``None``. The file is first written to a temporary file in the same
     directory, flushed and fsynced, then renamed over ``path`` (and the directory fsynced), so an
-    interrupted save never damages an existing checkpoint at ``path``.
+    interrupted save never damages an existing checkpoint at ``path``. An operating-system error
+    (disk full, permissions...) raises :class:`CheckpointError` naming the file, with the previous
+    file intact. Temporary files that killed saves left in the directory are removed first (only
+    funcopt's own, only those of dead processes or untouched for an hour). Trees nested deeper
+    than 128 levels are refused. Tensors are stored in order of decreasing element size, so
+    every tensor's data is aligned for memory-mapped loading.
 
     Args:
         path: destination file (conventionally ``*.safetensors``).

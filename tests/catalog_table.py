@@ -71,11 +71,13 @@ def measure(name: str) -> tuple[str, float | None]:
     rows = rows_of(name)
     torch_rows = [r for r in rows if r.torch]
     optax_rows = [r for r in rows if r.optax]
+    note = f" ({NOTES[name]})" if name in NOTES else ""
     if torch_rows:
         cls = torch_rows[0].torch_class.__name__
-        return f"torch.optim.{cls}", max(_torch_difference(r.name) for r in torch_rows)
+        cls = cls if hasattr(torch.optim, cls) else name.capitalize()
+        return f"torch.optim.{cls}{note}", max(_torch_difference(r.name) for r in torch_rows)
     if optax_rows:
-        return f"optax.{optax_rows[0].optax_name}", max(_optax_difference(r.name) for r in optax_rows)
+        return f"optax.{optax_rows[0].optax_name}{note}", max(_optax_difference(r.name) for r in optax_rows)
     return OTHER_ORACLES.get(name, "no oracle"), None
 
 

@@ -32,6 +32,15 @@ OTHER_ORACLES = {
     "sparse_adam": "torch.optim.SparseAdam (tests/test_sparse_adam.py)",
     "dpsgd": "optax.contrib.dpsgd with the noise off, and the noise's law (tests/test_dpsgd.py)",
 }
+# Why an optimizer's figure is what it is, where the oracle cell alone would mislead.
+NOTES = {
+    "muon": "on the 2-D leaves (torch.optim.Muon takes matrices only)",
+    "noisy_sgd": "with the noise off; the noise's law in tests/test_catalog_aliases.py",
+    "schedule_free_adamw": "optax evaluates its warmup in float32 (1e-9 with a float64 warmup on both sides); "
+    "also against the schedulefree package",
+    "schedule_free_sgd": "as schedule_free_adamw",
+    "madgrad": "optax computes its step size lambda in float32",
+}
 
 
 def optimizer_names() -> list[str]:

@@ -89,12 +89,16 @@ def dcp_round_trip(root):
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{root}/adapter")
     loop(model, opt, batches()[SAVE_AT:])
     model2, opt2 = build("adamw", True)
-    model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+    model_sd2, optim_sd2 = get_state_dict(model2, opt2)  # no fake step on a fresh adapter: counts stay 0
+    fresh_counts = [int(s[0].count) for s in opt2.funcopt_state]
     loaded = {"model": model_sd2, "optim": optim_sd2}
     dcp.load(loaded, checkpoint_id=f"{root}/adapter")
     set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     loop(model2, opt2, batches()[SAVE_AT:])
-    return {"state_keys": sorted(optim_sd["state"]), "final": full_params(model), "resumed": full_params(model2)}
+    entry = next(iter(optim_sd["state"].values()))
+    return {"state_keys": sorted(optim_sd["state"]), "entry_keys": sorted(entry), "fresh_counts": fresh_counts,
+            "sharded": type(entry["exp_avg"]).__name__, "final": full_params(model), "resumed": full_params(model2),
+            "resumed_counts": [int(s[0].count) for s in opt2.funcopt_state]}
 
 
 def worker(root):
@@ -140,26 +144,17 @@ def test_functional_route_equals_torch_optim_under_fsdp2(results):
         assert_trees_close(r["functional/clip_adam"], r["torch/clip_adam"], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    reason="FuncoptOptimizer.state_dict() keeps its state under 'funcopt_state' with 'state' empty; "
-    "get_state_dict keeps only 'state' and 'param_groups', so DCP saves no optimizer state "
-    "(funcopt/interop/_optimizer.py, FuncoptOptimizer.state_dict/load_state_dict)",
-    strict=False,
-)
 def test_get_state_dict_and_dcp_round_trip_with_the_adapter(results):
     for r in results:
         got = r["dcp"]
         assert not isinstance(got, str), got
         assert got["state_keys"], "get_state_dict(model, adapter) returned no optimizer state"
+        assert got["entry_keys"] == ["exp_avg", "exp_avg_sq", "step"] and got["sharded"] == "DTensor"
+        assert got["fresh_counts"] == [0, 0]
+        assert got["resumed_counts"] == [len(batches()), len(batches())]
         assert_trees_close(got["resumed"], got["final"], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    reason="as_torch_optimizer(chain, model.parameters()) consumes the generator before "
-    "torch.optim.Optimizer.__init__ sees it (funcopt/interop/_optimizer.py, FuncoptOptimizer.__init__ "
-    "for a built transformation): 'got an empty parameter list'",
-    strict=False,
-)
 def test_adapter_takes_a_parameter_generator_for_a_chain():
     model = torch.nn.Linear(2, 2)
     tx = funcopt.chain(funcopt.clip_by_global_norm(1.0), funcopt.adam(1e-2))

@@ -40,11 +40,13 @@ from funcopt.interop._groups import (
 )
 from funcopt.interop._plain import state_from_plain, state_to_plain
 from funcopt.interop._step import evaluator, gather_grads, groups_transformation, keep_skipped, unalias
-from funcopt.interop._torch_load import load_torch_state_dict
+from funcopt.interop import _layout as layout
+from funcopt.interop._layout import StateView
+from funcopt.interop._torch_load import load_torch_state_dict, torch_state_dict
 
 __all__ = ["FuncoptOptimizer", "as_torch_optimizer", "state_to_plain", "state_from_plain"]
 
-_FORMAT = "funcopt.FuncoptOptimizer/1"
+_FORMAT_V1 = "funcopt.FuncoptOptimizer/1"  # funcopt 0.2.0's state_dict
 
 
 class _Group:
@@ -341,39 +343,66 @@ class FuncoptOptimizer(torch.optim.Optimizer):
 
     # -- state_dict ---------------------------------------------------------------------------
 
+    @property
+    def state(self) -> StateView:
+        """torch.optim's ``opt.state``: ``{param: {"step", "exp_avg", "exp_avg_sq", ...}}``, read
+        from :attr:`funcopt_state` (the tensors are the live buffers). Every parameter has an
+        entry from the start; see :meth:`state_dict` for the names."""
+        return self._state_view
+
+    @state.setter
+    def state(self, value: Mapping[Any, Any]) -> None:
+        if "_state_view" not in self.__dict__:
+            self._state_view = StateView(self)
+        for p, entry in value.items():  # torch.optim.Optimizer.__init__ sets an empty one
+            self._state_view[p] = entry
+
     def _all_paths(self) -> list[str]:
         if self._single and len(self._groups) == 1:
             return list(self._groups[0].paths)
         return [f"param_groups[{i}]{p}" for i, g in enumerate(self._groups) for p in g.paths]
 
     def state_dict(self) -> dict[str, Any]:
-        """The funcopt state as tensors in plain containers, plus each param group's settings.
+        """The state in torch.optim's layout, ``{"state": ..., "param_groups": ...}``.
 
-        Saved with ``torch.save`` and loaded with ``torch.load(weights_only=True)``.
+        ``state[i]`` holds parameter ``i``'s ``step`` (its group's step count) and its tensors
+        of the funcopt state, under torch.optim's names where torch has the field (Adam's
+        ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; SGD's ``momentum_buffer``...) and the
+        funcopt field names otherwise. Each param group holds its settings and, under
+        ``"funcopt"``, the rest of its funcopt state (step counts, injected hyperparameters...).
+        So ``torch.distributed.checkpoint``'s ``get_state_dict``/``set_state_dict`` (which keep
+        only ``state`` and ``param_groups``) save and restore all of it, and ``torch.save`` /
+        ``torch.load(weights_only=True)`` round-trip it. The tensors are the live buffers (as
+        in torch.optim). For a ``torch.optim`` optimizer, use :meth:`torch_state_dict`.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        groups, start = [], 0
-        for group in self.param_groups:
-            saved = {k: v for k, v in group.items() if k != "params" and not callable(v)}
-            saved["params"] = list(range(start, start + len(group["params"])))
-            start += len(group["params"])
-            groups.append(saved)
-        state_dict = {
-            "format": _FORMAT,
-            "state": {},
-            "param_groups": groups,
-            "param_paths": self._all_paths(),
-            "funcopt_state": state_to_plain(self.funcopt_state),
-        }
+        state_dict = layout.state_dict(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
 
+    def torch_state_dict(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """A ``state_dict`` for the ``torch.optim`` optimizer this one replaces, to go back to
+        torch.optim: ``torch.optim.AdamW(same_groups).load_state_dict(opt.torch_state_dict())``
+        continues on the trajectory this optimizer would have taken.
+
+        Args:
+            optimizer: the torch optimizer to load it into (its param groups give the keys).
+                Needed only for a transformation not built by a funcopt factory that torch.optim
+                has (``funcopt.adamw``, ``funcopt.sgd``...); its hyperparameters are replaced by
+                this optimizer's current ones.
+
+        Raises:
+            FuncoptError: where torch.optim has no such optimizer or state field.
+        """
+        return torch_state_dict(self, optimizer)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict`, or a ``torch.optim`` optimizer's ``state_dict`` (the
+        """Restores a :meth:`state_dict` (also one written by funcopt 0.2.0, or passed through
+        DCP's ``set_state_dict``), or a ``torch.optim`` optimizer's ``state_dict`` (the
         optimizer this one replaces, with the same param groups): the run continues on the
         trajectory torch.optim would have taken. State tensors move to their parameter's device.
 
@@ -385,41 +414,16 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        if isinstance(state_dict, Mapping) and "format" not in state_dict and {"state", "param_groups"} <= set(state_dict):
+        groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+        if isinstance(groups, (list, tuple)) and groups and all(
+                isinstance(g, Mapping) and layout.GROUP_KEY in g for g in groups):
+            layout.load_own(self, state_dict)
+        elif isinstance(state_dict, Mapping) and "format" not in state_dict and {"state", "param_groups"} <= set(state_dict):
             load_torch_state_dict(self, state_dict)
         else:
-            self._load_own(state_dict)
+            layout.load_v1(self, state_dict, _FORMAT_V1)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _load_own(self, state_dict: Any) -> None:
-        if not isinstance(state_dict, Mapping) or state_dict.get("format") != _FORMAT:
-            keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            raise FuncoptError(
-                f"FuncoptOptimizer.load_state_dict expects a dict from FuncoptOptimizer.state_dict() "
-                f"(format {_FORMAT!r}) or a torch.optim optimizer's state_dict(), got {keys}."
-            )
-        saved_paths, here = list(state_dict["param_paths"]), self._all_paths()
-        if saved_paths != here or len(state_dict["param_groups"]) != len(self.param_groups):
-            diff = next(
-                (f"#{i}: saved {a}, here {b}" for i, (a, b) in enumerate(zip(saved_paths, here)) if a != b),
-                f"saved {len(saved_paths)} parameters in {len(state_dict['param_groups'])} groups, here "
-                f"{len(here)} in {len(self.param_groups)}",
-            )
-            raise FuncoptError(
-                f"FuncoptOptimizer.load_state_dict: the parameters differ from the saved ones ({diff}). "
-                "Build the optimizer over the same model/parameter groups that were saved."
-            )
-        for g, group in zip(self._groups, self.param_groups):
-            self._sync_devices(g, list(group["params"]))
-        self.funcopt_state = state_from_plain(state_dict["funcopt_state"], like=self.funcopt_state)
-        # The state holds the values the last step used; the saved group may hold newer ones an
-        # LR scheduler wrote after that step. Restore both, so the next step picks those up.
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            for k, v in saved.items():
-                if k != "params":
-                    group[k] = v
-
 
 def as_torch_optimizer(
     tx: GradientTransformation | Callable[..., GradientTransformation],

@@ -26,6 +26,8 @@ __all__ = [
     "apply_updates",
     "register_tree_adder",
     "check_update_inputs",
+    "batched_updates",
+    "takes_batched_updates",
     "float_leaves",
     "stable_name",
     "stable_name_of",
@@ -143,6 +145,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 "Pass transformations such as funcopt.scale_by_adam() (note the call)."
             )
 
+    # The last member taking per-example updates (batched_updates): the input check runs
+    # after it, on the params-shaped updates it returns.
+    last_batched = max((i for i, t in enumerate(transforms) if takes_batched_updates(t)), default=-1)
+    head, tail = transforms[: last_batched + 1], transforms[last_batched + 1 :]
+
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
@@ -158,10 +165,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if _OUTERMOST.depth or torch.compiler.is_compiling():
             return _run_chain(transforms, updates, state, params, extra_args)
         # The user's own call (not a chain nested in another): check the inputs once.
-        check_update_inputs(init, updates, state, params)
         _OUTERMOST.depth = 1
         try:
-            return _run_chain(transforms, updates, state, params, extra_args)
+            if not head:
+                check_update_inputs(init, updates, state, params)
+                return _run_chain(transforms, updates, state, params, extra_args)
+            updates, first = _run_chain(head, updates, state[: len(head)], params, extra_args)
+            check_update_inputs(init, updates, state, params, after=len(head))
+            updates, rest = _run_chain(tail, updates, state[len(head) :], params, extra_args)
+            return updates, first + rest
         except (ValueError, RuntimeError, TypeError) as e:
             if not isinstance(e, FuncoptError):
                 _diagnose_structure(updates, state, e)
@@ -169,7 +181,37 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         finally:
             _OUTERMOST.depth = 0
 
+    if head:
+        update._funcopt_batched_updates = True  # type: ignore[attr-defined]
     return GradientTransformation(init, update)
+
+
+def batched_updates(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` marked as taking per-example updates: every leaf ``(batch, *param_shape)``.
+
+    ``chain`` checks that the updates it is given match the params in shape and dtype; for a
+    chain containing a marked member it checks the updates that the last marked member returns
+    instead (which must be params-shaped). A chain containing a marked member is marked itself,
+    so nesting keeps working. ``differentially_private_aggregate`` (hence ``dpsgd``) is marked.
+
+    Example:
+        >>> tx = chain(batched_updates(my_per_example_clip()), scale_by_adam())
+    """
+    if not isinstance(tx, GradientTransformation):
+        raise TypeError(f"batched_updates expects a GradientTransformation, got {type(tx).__name__}")
+    inner = tx.update
+
+    def update(updates, state, params=None, **extra_args):
+        return inner(updates, state, params, **extra_args)
+
+    update._funcopt_batched_updates = True  # type: ignore[attr-defined]
+    return GradientTransformation(tx.init, update)
+
+
+def takes_batched_updates(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` (or a member of the chain it is) takes per-example updates
+    (:func:`batched_updates`)."""
+    return getattr(tx.update, "_funcopt_batched_updates", False) is True
 
 
 def _run_chain(transforms, updates, state, params, extra_args):
@@ -192,7 +234,7 @@ _EXPECTED_STATE: dict[tuple[Any, Any, Any], tuple[list[int], list[torch.Size]]] 
 
 
 def check_update_inputs(
-    init: Callable[[PyTree], OptState], updates: PyTree, state: OptState, params: PyTree | None
+    init: Callable[[PyTree], OptState], updates: PyTree, state: OptState, params: PyTree | None, after: int = 0
 ) -> None:
     """Raises ``FuncoptError`` naming the path and the fix unless the gradients are floating-point
     tensors matching ``params`` exactly in structure, shape and dtype (no broadcasting) and the
@@ -235,7 +277,7 @@ def check_update_inputs(
         if list(map(_SHAPE, p)) != shapes or list(map(_DTYPE, p)) != dtypes:
             for i, (a, b) in enumerate(zip(p, g)):
                 if a.shape != b.shape or a.dtype != b.dtype:
-                    _raise_bad_gradient(params, i, a, b)
+                    _raise_bad_gradient(params, i, a, b, after)
     s, s_spec = optree.tree_flatten(state, none_is_leaf=False)
     key = (s_spec, g_spec, tuple(shapes))
     expected = _EXPECTED_STATE.get(key)
@@ -274,9 +316,15 @@ def _expected_state_shapes(
     return where, [built[i].shape for i in where]
 
 
-def _raise_bad_gradient(params: PyTree, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+def _raise_bad_gradient(params: PyTree, i: int, p: torch.Tensor, g: torch.Tensor, after: int = 0) -> None:
     path = _tree.paths(params)[i]
     if p.shape != g.shape:
+        if after:
+            raise FuncoptError(
+                f"update: the update at {path} returned by the chain's first {after} member(s), which take "
+                f"per-example gradients, has shape {tuple(g.shape)} but the parameter has {tuple(p.shape)}: "
+                "pass per-example gradients with one leading batch axis, (batch, *param_shape)."
+            )
         raise FuncoptError(
             f"update: the gradient at {path} has shape {tuple(g.shape)} but the parameter has "
             f"{tuple(p.shape)}. funcopt never broadcasts a gradient: were the gradients computed for "

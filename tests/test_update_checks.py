@@ -111,3 +111,39 @@ def test_the_check_reads_no_tensor_data():
     check_update_inputs(tx.init, params, tx.init(params), params)
     with pytest.raises(funcopt.FuncoptError, match="never broadcasts"):
         check_update_inputs(tx.init, dict(params, w=params["w"][:1]), tx.init(params), None)
+
+
+def test_per_example_blocks_opt_out_and_the_check_runs_after_them():
+    """chain(differentially_private_aggregate, adam) takes (batch, *shape) gradients: the check
+    runs on the aggregated updates; against torch.optim.Adam fed the hand-clipped mean."""
+    gen = torch.Generator().manual_seed(1)
+    params = {k: v.double() for k, v in _params().items()}
+    clip, lr = 0.5, 1e-2
+    dp = funcopt.transforms.differentially_private_aggregate(clip, 0.0)
+    tx = funcopt.chain(dp, funcopt.adam(lr))
+    assert funcopt.base.takes_batched_updates(dp) and funcopt.base.takes_batched_updates(tx)
+    assert not funcopt.base.takes_batched_updates(funcopt.adam(lr))
+    nested = funcopt.chain(funcopt.chain(dp, funcopt.trace(0.9)), funcopt.scale(-lr))
+    assert funcopt.base.takes_batched_updates(nested)
+    ref = {k: v.clone().requires_grad_() for k, v in params.items()}
+    opt = torch.optim.Adam(ref.values(), lr=lr)
+    state, n_state = tx.init(params), nested.init(params)
+    p = params
+    for _ in range(4):
+        per_example = {k: torch.randn(6, *v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+        norms = torch.sqrt(sum((g.reshape(6, -1) ** 2).sum(1) for g in per_example.values()))
+        factor = torch.clamp(clip / norms, max=1.0)
+        for k, r in ref.items():
+            r.grad = (per_example[k] * factor.view(-1, *[1] * r.dim())).mean(0)
+        opt.step()
+        updates, state = tx.update(per_example, state, p)
+        p = funcopt.apply_updates(p, updates)
+        nested.update(per_example, n_state, p)
+    for k in params:
+        torch.testing.assert_close(p[k], ref[k].detach(), rtol=1e-12, atol=1e-14)
+    # the aggregated updates are still checked against the params (here: an extra axis)
+    bad = {k: torch.ones(6, 1, *v.shape, dtype=torch.float64) for k, v in params.items()}
+    with pytest.raises(funcopt.FuncoptError, match=r"update at \['b'\] returned by the chain's first 1 member.*per-example"):
+        tx.update(bad, tx.init(params), params)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        funcopt.base.batched_updates(funcopt.adam)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from funcopt.base import GradientTransformation
+from funcopt.base import GradientTransformation, chain
 from funcopt.transforms import differentially_private_aggregate, scale_by_learning_rate, trace
 
 __all__ = ["dpsgd"]
@@ -44,21 +44,4 @@ def dpsgd(
     if momentum is not None:
         parts.append(trace(momentum, nesterov=nesterov))
     parts.append(scale_by_learning_rate(learning_rate))
-    return _sequence(parts)
-
-
-def _sequence(parts: list[GradientTransformation]) -> GradientTransformation:
-    """``chain(*parts)`` (the same tuple state) without ``chain``'s check that the incoming
-    gradients are shaped like the params: here they carry a leading batch axis."""
-
-    def init(params):
-        return tuple(t.init(params) for t in parts)
-
-    def update(updates, state, params=None, **extra_args):
-        new_states = []
-        for t, s in zip(parts, state):
-            updates, s = t.update(updates, s, params, **extra_args)
-            new_states.append(s)
-        return updates, tuple(new_states)
-
-    return GradientTransformation(init, update)
+    return chain(*parts)

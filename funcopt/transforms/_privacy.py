@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, check_state, stable_name
+from funcopt.base import GradientTransformation, batched_updates, check_state, stable_name
 from funcopt.transforms._clipping_extra import per_example_global_norm_clip
 from funcopt.transforms._common import _check_range, init_count
 from funcopt.transforms._random import STREAM_PRIVACY, normal_like, seed_tensor
@@ -40,7 +40,8 @@ def differentially_private_aggregate(
     (:func:`per_example_global_norm_clip`), the clipped gradients are summed, Gaussian noise of
     standard deviation ``l2_norm_clip * noise_multiplier`` is added, and the result is divided
     by the batch size. The output is shaped like the params, so this block goes first in a
-    chain. It does not combine with ``accumulate`` (the privacy accounting assumes one batch
+    chain; it is marked with :func:`funcopt.base.batched_updates`, so ``chain`` checks the
+    updates it returns against the params instead of the per-example input. It does not combine with ``accumulate`` (the privacy accounting assumes one batch
     per step).
 
     Args:
@@ -69,4 +70,4 @@ def differentially_private_aggregate(
         out = _tree.map(lambda g, n: (g + std * n) / batch, clipped, noise)
         return out, DifferentiallyPrivateAggregateState(state.rng_key, state.count + 1)
 
-    return GradientTransformation(init, update)
+    return batched_updates(GradientTransformation(init, update))

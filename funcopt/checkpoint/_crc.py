@@ -17,7 +17,9 @@ from typing import Any, Callable
 __all__ = ["crc32", "crc32_async", "crc32_combine"]
 
 CHUNK = 16 << 20
-"""Bytes per task; buffers under two chunks are checksummed on the calling thread."""
+"""Bytes per task; :func:`crc32` checksums buffers under two chunks on the calling thread."""
+ASYNC_MIN = 1 << 20
+""":func:`crc32_async` without ``caller_helps`` checksums buffers of at least this size on the pool."""
 
 _POLY = 0xEDB88320
 _OPS: list[list[int]] = []
@@ -76,7 +78,7 @@ def crc32_async(view: memoryview, *, caller_helps: bool = False) -> Callable[[],
     With ``caller_helps`` the thread that waits computes the last chunk itself instead of idling.
     """
     n = len(view)
-    pool = _pool() if n >= 2 * CHUNK else None
+    pool = _pool() if n >= (2 * CHUNK if caller_helps else ASYNC_MIN) else None
     if pool is None:
         value = zlib.crc32(view)
         return lambda: value

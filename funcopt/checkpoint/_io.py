@@ -6,7 +6,7 @@ import errno
 import json
 import os
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -75,6 +75,7 @@ def _fsync_dir(directory: str) -> None:
 
 
 _CHUNK = 64 << 20
+_IN_FLIGHT = 256 << 20
 _OS_HINTS = {
     getattr(errno, name): hint
     for name, hint in (
@@ -93,14 +94,24 @@ def _alignment(t: torch.Tensor) -> int:
 
 
 def _write_tensors(f: Any, tensors: list[tuple[str, torch.Tensor]], records: dict[str, Any]) -> None:
-    """Writes each tensor's bytes to ``f`` while helper threads compute its CRC-32 (``zlib.crc32`` and
-    ``write`` both release the GIL)."""
+    """Writes each tensor's bytes to ``f`` while helper threads compute the CRC-32s (``zlib.crc32`` and
+    ``write`` both release the GIL); a tensor's CRC may finish while the next tensors are written
+    (at most :data:`_IN_FLIGHT` bytes of pending checksums, whose buffers stay alive until then)."""
+    pending: deque[tuple[str, Callable[[], int], int]] = deque()
+    in_flight = 0
     for key, t in tensors:
         view = _tensor_bytes(t, key)
-        pending = crc32_async(view)
+        pending.append((key, crc32_async(view), len(view)))
+        in_flight += len(view)
         for start in range(0, len(view), _CHUNK):
             f.write(view[start:start + _CHUNK])
-        records[key]["crc32"] = f"{pending():08x}"
+        del view
+        while pending and (in_flight > _IN_FLIGHT or len(pending) > 8):
+            done, result, size = pending.popleft()
+            records[done]["crc32"] = f"{result():08x}"
+            in_flight -= size
+    for done, result, _ in pending:
+        records[done]["crc32"] = f"{result():08x}"
 
 
 def _os_error(path: str, e: OSError) -> CheckpointError:

@@ -268,8 +268,11 @@ def load(
         tensors keyed by tensor name.
 
     Raises:
-        CheckpointError: missing, truncated or corrupted file, a pickle or ``torch.save``
-            archive, a mismatch against ``like``, an unknown NamedTuple type.
+        CheckpointError: naming the file and the problem: a missing, truncated, corrupted or
+            forged file (any header damage, a tensor failing its CRC-32, inconsistent offsets or
+            records, a tree deeper than 128 levels, an oversized header), a FIFO, device or
+            directory, a pickle or ``torch.save`` archive, a mismatch against ``like``, an
+            unknown NamedTuple type. Never another exception, and never other data than saved.
     """
     with Reader(os.fspath(path), verify=verify, mmap=mmap) as reader:
         loader = _Loader(reader, device, dtype)

@@ -5,6 +5,7 @@ torch.optim state_dict to continue a run. Oracle: torch.optim on the same float6
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 
@@ -83,15 +84,29 @@ SCHEDS = {
 
 @pytest.mark.parametrize("sched", sorted(SCHEDS))
 def test_transformer_script_migrates_with_one_changed_line(sched):
+    built = []
+
+    @functools.wraps(funcopt.adamw)
+    def adamw(*args, **kwargs):  # funcopt.adamw, counting the transformations built
+        built.append(funcopt.adamw(*args, **kwargs))
+        return built[-1]
+
     ours, theirs = TinyLM(), TinyLM()
     kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
-    opt, lrs = train_script(ours, lambda g: as_torch_optimizer(funcopt.adamw, g, **kw), SCHEDS[sched])
+    opt, lrs = train_script(ours, lambda g: as_torch_optimizer(adamw, g, **kw), SCHEDS[sched])
     ref, ref_lrs = train_script(theirs, lambda g: torch.optim.AdamW(g, **kw), SCHEDS[sched])
     assert lrs == ref_lrs
     assert_same_params(ours, theirs)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     if sched == "onecycle":  # momentum cycling moved betas[0] in both
         assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"] != (0.9, 0.95)
+    # The scheduler changed lr (and betas) at each of the 8 steps; no transformation was rebuilt
+    # for that (the groups' values are written into it), and it keeps its in-place fast route.
+    assert len(built) <= 5
+    grads = [p.grad for p in opt.param_groups[1]["params"]]  # the group's params tree is a list
+    route = funcopt.fast.explain(built[-1], grads, opt.funcopt_state[1], opt.params[1], step="apply_gradients",
+                                 donate=True)
+    assert route.route.startswith("fast, in place"), str(route)
 
 
 def two_group_run(make_opt, make_sched, steps=6, plateau=False):

@@ -1,6 +1,7 @@
 """A run trained with torch.optim continues under as_torch_optimizer: load_state_dict of each
 torch.optim optimizer's state_dict (two param groups), then the same trajectory as torch's
-own continuation, in float64."""
+own continuation, in float64; and back to torch.optim with torch_state_dict(). The adapter's
+state_dict in torch's layout: opt.state, DCP's get_state_dict/set_state_dict."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import funcopt
 from funcopt import as_torch_optimizer
@@ -78,11 +80,20 @@ def test_torch_run_continues_under_the_adapter(name):
     for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{name} {n}: {m}")
 
-    # and back: the adapter's own state_dict round-trips
+    # the adapter's own state_dict round-trips
     again = as_torch_optimizer(factory, groups_of(copy.deepcopy(ours), only_matrices), **kw)
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
     for a, b in zip(funcopt.tree.leaves(again.funcopt_state), funcopt.tree.leaves(opt.funcopt_state)):
         assert torch.equal(a, b)
+
+    # and back to torch.optim: torch_state_dict() continues under torch as the adapter continues
+    back_model = copy.deepcopy(ours)
+    back = cls(groups_of(back_model, only_matrices), **kw)
+    back.load_state_dict(opt.torch_state_dict())
+    run(back_model, back, STEPS, seed=3)
+    run(ours, opt, STEPS, seed=3)
+    for (n, a), b in zip(ours.named_parameters(), back_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{name} back {n}: {m}")
 
 
 def test_lbfgs_history_carries_over():
@@ -129,3 +140,41 @@ def test_mismatched_torch_state_dicts_are_refused_with_the_fix():
     with pytest.raises(funcopt.FuncoptError, match="amsgrad.*fixed when the optimizer is built"):
         opt.load_state_dict(adam.state_dict())
     assert opt.param_groups[0]["amsgrad"] is False  # left as it was
+
+
+def test_state_is_in_torch_layout_and_dcp_state_dicts_resume_bitwise():
+    """opt.state[p] holds torch.optim.AdamW's names and values (the live buffers); DCP's
+    get_state_dict (keyed by parameter names, what dcp.save writes) runs no fake step on a
+    fresh adapter, and set_state_dict resumes bitwise."""
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    model, ref_model = make_model(), make_model()
+    opt = as_torch_optimizer(funcopt.adamw, groups_of(model, False), **kw)
+    ref = torch.optim.AdamW(groups_of(ref_model, False), **kw)
+    first = next(model.parameters())
+    assert opt.state[first]["step"] == 0 and len(opt.state) == 4
+    run(model, opt, 2, seed=1)
+    run(ref_model, ref, 2, seed=1)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert set(opt.state[p]) == set(ref.state[q]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        for key, value in ref.state[q].items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=1e-10, atol=1e-14)
+    assert opt.state[first]["exp_avg"] is funcopt.tree.leaves(opt.funcopt_state[0][0].mu)[0]
+
+    _, saved = get_state_dict(model, opt)
+    saved = copy.deepcopy(saved)
+    assert sorted(saved["state"]) == sorted(n for n, _ in model.named_parameters())
+    resumed = copy.deepcopy(model)
+    opt2 = as_torch_optimizer(funcopt.adamw, groups_of(resumed, False), **kw)
+    get_state_dict(resumed, opt2)
+    assert [int(s[0].count) for s in opt2.funcopt_state] == [0, 0]  # not stepped
+    set_state_dict(resumed, opt2, model_state_dict={}, optim_state_dict=saved)
+    run(model, opt, 2, seed=2)
+    run(resumed, opt2, 2, seed=2)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+    # writing opt.state[p] replaces the named buffers (Lightning moves state this way)
+    opt.state[first] = {"step": opt.state[first]["step"], "exp_avg": torch.zeros_like(first)}
+    assert funcopt.tree.leaves(opt.funcopt_state[0][0].mu)[0].abs().sum() == 0
+    with pytest.raises(funcopt.FuncoptError, match=r"'momentum_buffer'.*has \['exp_avg'"):
+        opt.state[first] = {"momentum_buffer": torch.zeros_like(first)}

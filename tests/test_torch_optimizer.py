@@ -261,6 +261,23 @@ def test_resume_keeps_the_lr_a_scheduler_set_after_the_last_step():
     assert_trees_equal(params_of(part), params_of(full))
 
 
+def test_state_dict_written_by_funcopt_0_2_0_still_loads():
+    """0.2.0 kept the whole state under 'funcopt_state' (plain containers) with 'state' empty."""
+    module, _, _, (X, Y) = mlp_problem()
+    full, part = copy.deepcopy(module), copy.deepcopy(module)
+    torch_run(as_torch_optimizer(funcopt.adam, full, lr=1e-2), full, X, Y, steps=4)
+    opt = as_torch_optimizer(funcopt.adam, part, lr=1e-2)
+    torch_run(opt, part, X, Y, steps=2)
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    old = {"format": "funcopt.FuncoptOptimizer/1", "state": {}, "param_groups": [{**group, "params": [0, 1, 2, 3]}],
+           "param_paths": ["['0.bias']", "['0.weight']", "['2.bias']", "['2.weight']"],
+           "funcopt_state": state_to_plain(opt.funcopt_state)}
+    opt2 = as_torch_optimizer(funcopt.adam, part, lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(old))
+    torch_run(opt2, part, X, Y, steps=2)
+    assert_trees_equal(params_of(part), params_of(full))
+
+
 def test_state_dict_hooks_run():
     module, _, _, _ = mlp_problem()
     opt = as_torch_optimizer(funcopt.adam(1e-3), module)
@@ -349,9 +366,12 @@ def test_params_without_grad_are_skipped_like_torch():
 
 def test_accepts_module_dict_list_and_generator():
     module, _, _, _ = mlp_problem()
+    chain = funcopt.chain(funcopt.clip_by_global_norm(1.0), funcopt.adam(1e-3))
     for given in (module, dict(module.named_parameters()), list(module.parameters()), module.parameters()):
         opt = as_torch_optimizer(funcopt.adam(1e-3), given)
         assert len(opt.param_groups[0]["params"]) == 4
+    for given in (module.parameters(), [{"params": module.parameters()}]):  # read once, also for a chain
+        assert len(as_torch_optimizer(chain, given).param_groups[0]["params"]) == 4
     frozen = torch.nn.Linear(2, 2)
     frozen.bias.requires_grad_(False)
     assert list(as_torch_optimizer(funcopt.sgd(0.1), frozen).params) == ["weight"]

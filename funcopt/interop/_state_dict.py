@@ -243,6 +243,7 @@ def to_torch(
     *,
     order: Sequence[str] | None = None,
     step: int | None = None,
+    kind: str | None = None,
 ) -> dict[str, Any]:
     """A ``state_dict`` for ``optimizer`` holding the funcopt ``state``; pass it to ``optimizer.load_state_dict``.
 
@@ -255,9 +256,11 @@ def to_torch(
         order: the params' paths in torch's order, when not the natural order.
         step: the ``step`` to record where the funcopt state keeps no count (RMSprop without
             momentum, Adagrad without ``lr_decay``; torch does not use it there).
+        kind: ``"adamw"``, ``"adamax"``... (needed for a state_dict whose kind cannot be inferred
+            from its param group keys).
     """
     sd = _state_dict(optimizer)
-    name = _kind(optimizer, sd, None)
+    name = _kind(optimizer, sd, kind)
     group = _hyperparams(sd)
     paths = param_paths(params, order)
     n_torch = sum(len(g["params"]) for g in sd["param_groups"])

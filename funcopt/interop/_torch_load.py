@@ -134,6 +134,7 @@ def torch_state_dict(opt: Any, optimizer: torch.optim.Optimizer | None = None) -
             "torch_state_dict: this optimizer runs a transformation built by hand, so which torch.optim optimizer "
             "to write for cannot be told; pass it: opt.torch_state_dict(torch.optim.AdamW(same_groups))."
         )
+    kind = type(optimizer).__name__ if optimizer is not None else cls.__name__  # type: ignore[union-attr]
     state: dict[int, dict[str, Any]] = {}
     groups, start = [], 0
     for i, (g, group) in enumerate(zip(opt._groups, opt.param_groups)):
@@ -153,7 +154,7 @@ def torch_state_dict(opt: Any, optimizer: torch.optim.Optimizer | None = None) -
                 if k not in SWITCHES or isinstance(v, bool):
                     base[k] = v
         base["params"] = list(range(start, start + len(leaves)))
-        converted = to_torch(g.state, g.view(leaves), {"state": {}, "param_groups": [base]})
+        converted = to_torch(g.state, g.view(leaves), {"state": {}, "param_groups": [base]}, kind=kind)
         state.update(converted["state"])
         groups.append(converted["param_groups"][0])
         start += len(leaves)

@@ -399,7 +399,9 @@ def test_foreign_files(base):
                (2).to_bytes(8, "little") + b"{}" + b"\x01"]
     samples += [rng.randbytes(rng.randrange(1, 2000)) for _ in range(N)]
     samples += [(len(s)).to_bytes(8, "little") + s for s in (b'{"__metadata__":{"funcopt":"x"}}', b'{"x":1}',
-                                                           b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}')]
+                                                           b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}',
+                                                           b'{"x":{"dtype":"F32","shape":[0,4611686018427387903,3],'
+                                                           b'"data_offsets":[0,0]}}')]
     for s in samples:
         oracle.expect_error(s, f"foreign file {s[:16]!r}")
     # a plain safetensors file (no funcopt metadata) loads as a flat dict of its tensors

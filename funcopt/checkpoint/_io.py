@@ -272,7 +272,8 @@ def load(
             forged file (any header damage, a tensor failing its CRC-32, inconsistent offsets or
             records, a tree deeper than 128 levels, an oversized header), a FIFO, device or
             directory, a pickle or ``torch.save`` archive, a mismatch against ``like``, an
-            unknown NamedTuple type. Never another exception, and never other data than saved.
+            unknown NamedTuple type. Whatever the file holds, never another exception and never
+            other data than was saved.
     """
     with Reader(os.fspath(path), verify=verify, mmap=mmap) as reader:
         loader = _Loader(reader, device, dtype)

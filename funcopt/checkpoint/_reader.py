@@ -185,10 +185,11 @@ class Reader:
                     or not all(_is_int(o) for o in e["data_offsets"])):
                 raise self._fail(f"malformed header entry for tensor {key!r} (wrong header or corruption).")
             b, f = e["data_offsets"]
-            numel = 1
+            numel, extent = 1, 1
             for s in e["shape"]:
                 numel *= s
-            if not 0 <= b <= f or f - b != numel * _BY_CODE[e["dtype"]].itemsize:
+                extent *= max(s, 1)
+            if not 0 <= b <= f or f - b != numel * _BY_CODE[e["dtype"]].itemsize or extent >= _MAX_DIM:
                 raise self._fail(f"header entry for tensor {key!r} has inconsistent offsets {e['data_offsets']} "
                                  f"for shape {e['shape']} and dtype {e['dtype']}: the file is corrupted.")
             self.entries[key] = e
@@ -293,7 +294,10 @@ class Reader:
                 else:
                     flat = torch.frombuffer(self._map, dtype=stored, count=(end - begin) // stored.itemsize,
                                             offset=start)
-        t = flat.reshape(entry["shape"])
+        try:
+            t = flat.reshape(entry["shape"])
+        except RuntimeError as e:  # a shape torch cannot index, even when empty
+            raise self._fail(f"tensor {key!r} has an unusable shape {entry['shape']}: {e}") from None
         if dtype_name(stored) != rec["dtype"]:  # complex data is stored as pairs of reals
             t = torch.view_as_complex(t)
         return t

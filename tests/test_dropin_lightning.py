@@ -14,6 +14,16 @@ L = pytest.importorskip("lightning", reason="lightning is not installed (pip ins
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP synchronisation, which dominates (and
+    slows these tests many times over) when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def loader():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(64, 5, generator=g, dtype=DT)

@@ -17,6 +17,16 @@ from funcopt import as_torch_optimizer
 DT = torch.float64
 STEPS = 3
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP synchronisation, which dominates (and
+    slows these tests many times over) when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
 # torch class, its arguments (torch's names, also given to the funcopt factory), factory
 CASES = {
     "Adam": (torch.optim.Adam, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2), funcopt.adam),

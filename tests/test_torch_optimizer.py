@@ -16,6 +16,16 @@ from helpers import assert_trees_close, assert_trees_equal, mlp_problem, nested_
 STEPS = 6
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one intra-op thread avoids OpenMP synchronisation, which dominates (and
+    slows these tests many times over) when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def functional_run(tx, params, loss_fn, steps=STEPS, lbfgs_style=False):
     state = tx.init(params)
     for _ in range(steps):

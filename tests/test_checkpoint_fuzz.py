@@ -365,6 +365,11 @@ def test_forged_deep_nesting(base):
             inner = json.dumps(doc, separators=(",", ":"))
             text = inner[:-1] + ',"deep":' + "[" * depth + "]" * depth + "}"
         oracle.expect_error(_forge(entries, text, body), f"nesting {depth}")
+    # deep user metadata (printed by inspect and the CLI): refused too
+    for depth in (129, 300, 800):
+        doc = json.loads(json.dumps(doc0))
+        doc["metadata"] = {"x": json.loads("[" * depth + "]" * depth)}
+        oracle.expect_error(_forge(entries, doc, body), f"metadata nesting {depth}")
     # deep JSON in the outer header too
     for depth in (1000, 100_000):
         raw = b'{"a":' + b"[" * depth + b"]" * depth + b"}"

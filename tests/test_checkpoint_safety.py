@@ -222,6 +222,9 @@ def test_save_refuses_trees_deeper_than_the_reader_accepts(tmp_path):
     with pytest.raises(CheckpointError, match=f"nested deeper than {MAX_DEPTH} levels"):
         ck.save(tmp_path / "deep.safetensors", [ok])
     assert not (tmp_path / "deep.safetensors").exists()
+    with pytest.raises(CheckpointError, match=f"metadata is nested deeper than {MAX_DEPTH} levels"):
+        ck.save(tmp_path / "deep.safetensors", {"a": 1}, metadata={"m": [ok]})
+    assert not (tmp_path / "deep.safetensors").exists()
 
 
 def test_threaded_crc_equals_zlib_and_big_tensors_round_trip(tmp_path):

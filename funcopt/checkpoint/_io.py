@@ -32,6 +32,7 @@ from funcopt.checkpoint._format import (
     storage_code,
 )
 from funcopt.checkpoint._reader import Reader
+from funcopt.checkpoint._validate import MAX_DEPTH, json_depth
 from funcopt.checkpoint._tree import (
     DeviceSpec,
     _cast,
@@ -156,9 +157,11 @@ def save(
     if sys.byteorder != "little":
         raise CheckpointError("funcopt checkpoints need a little-endian machine (safetensors is little-endian).")
     meta = dict(metadata or {})
+    if json_depth(meta) > MAX_DEPTH:
+        raise CheckpointError(f"metadata is nested deeper than {MAX_DEPTH} levels; flatten it.")
     try:
         json.dumps(meta, allow_nan=True)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"metadata must be JSON-serializable (str keys, plain values): {e}") from None
     if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
         raise CheckpointError(f"step must be an int, got {step!r}.")

@@ -17,7 +17,7 @@ import torch
 
 from funcopt.checkpoint._format import FORMAT, FORMAT_VERSION, CheckpointError, dtype_from_name, storage_code
 
-__all__ = ["MAX_DEPTH", "check_document", "edit_distance", "render_path"]
+__all__ = ["MAX_DEPTH", "check_document", "edit_distance", "json_depth", "render_path"]
 
 MAX_DEPTH = 128
 """Deepest tree (levels of nested containers) that ``save`` writes and ``load`` reads."""
@@ -44,6 +44,21 @@ def edit_distance(a: str, b: str, cap: int) -> int:
             return cap + 1
         prev = cur
     return prev[-1]
+
+
+def json_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON-like value (dicts and lists), computed without recursion; stops
+    counting once it exceeds ``limit``."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list, tuple)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            stack.extend((child, depth) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def render_path(trail: Any) -> str:
@@ -156,6 +171,8 @@ def check_document(doc: Any, entries: dict[str, Any], fail: Callable[[str], Chec
     if step is not None and type(step) is not int or not isinstance(meta, dict) or (
             torch_version is not None and type(torch_version) is not str):
         raise fail("the funcopt metadata has a malformed step, metadata or torch version: the header is corrupted.")
+    if json_depth(meta) > MAX_DEPTH:
+        raise fail(f"the user metadata is nested deeper than {MAX_DEPTH} levels: the header is corrupted or forged.")
     _check_records(doc.get("tensors"), entries, fail)
     seen: set[str] = set()
     stack: list[tuple[Any, Any, int]] = [(doc["tree"], None, 0)]

@@ -2,8 +2,9 @@
 
 It trusts nothing in a file. In this order it: refuses anything but a regular file before reading
 (a FIFO or a device would block or never end); recognises pickles and ``torch.save`` zips from
-their first bytes; bounds the header (at most :data:`MAX_HEADER` bytes, inside the file, and at
-most one JSON container per few bytes, so parsing needs memory of a small multiple of the file);
+their first bytes; bounds the header (at most :data:`MAX_HEADER` bytes, inside the file; its
+JSON objects and arrays are counted outside strings before parsing, so that parsing needs at
+most ~10x the header in memory, ~20x for the funcopt document);
 validates every tensor entry as the safetensors library does (known dtype, size = dtype x shape,
 data offsets contiguous from 0 to the end of the file, no overlap, no gap); then decides what
 the file is. A funcopt file is one whose ``__metadata__`` has the keys ``funcopt`` and

@@ -315,8 +315,8 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         both to the multi-tensor kernels, as a donating ``funcopt.apply_gradients`` does.
         Returns False (having written nothing) where the fast route does not apply.
         """
-        fast = fast_path_of(tx)
-        if fast is None or any(x.is_sparse for x in grads):
+        fast = fast_path_of(tx)  # (sparse gradients were refused when gathered)
+        if fast is None:
             return False
         if any(type(v) is not torch.Tensor for v in views):  # a tensor subclass (DTensor): no storage to plan over
             return False
@@ -328,7 +328,9 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         for p, v, x in zip(leaves, views, _tree.leaves(new_params)):
             if x is not v:
                 p.copy_(x)
-        g.state = unalias(new_state, views + grads)
+        # A donated step writes into the state's own buffers and hands its containers on, so the
+        # new state holds no param or gradient (no unalias needed).
+        g.state = new_state
         return True
 
     def _sync_devices(self, g: _Group, leaves: list[torch.Tensor]) -> None:
@@ -356,6 +358,9 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             self._state_view = StateView(self)
         for p, entry in value.items():  # torch.optim.Optimizer.__init__ sets an empty one
             self._state_view[p] = entry
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy: the groups' funcopt states too
+        return dict(self.__dict__)
 
     def _all_paths(self) -> list[str]:
         if self._single and len(self._groups) == 1:

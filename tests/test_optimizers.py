@@ -3,6 +3,8 @@ grad, dtypes, checkpoint resume, errors."""
 
 from __future__ import annotations
 
+import inspect
+
 import pathlib
 
 import optree
@@ -253,10 +255,27 @@ def test_adam_and_sgd_updates_compile_fullgraph():
 # Bad input
 
 
-@pytest.mark.parametrize("factory", registry.optimizer_factories(), ids=lambda f: f.__name__)
+# Every factory with a learning rate (sam wraps an optimizer and has none of its own; polyak_sgd
+# takes the cap of its step size, max_learning_rate), and the other arguments some require.
+_LEARNING_RATE_NAMES = ("learning_rate", "max_learning_rate")
+_WITH_LEARNING_RATE = [
+    f for f in registry.optimizer_factories() if set(_LEARNING_RATE_NAMES) & set(inspect.signature(f).parameters)
+]
+_REQUIRED = {"l2_norm_clip": 1.0, "noise_multiplier": 0.0}
+
+
+@pytest.mark.parametrize("factory", _WITH_LEARNING_RATE, ids=lambda f: f.__name__)
 def test_negative_learning_rate_is_rejected(factory):
+    parameters = inspect.signature(factory).parameters
+    lr_name = next(n for n in _LEARNING_RATE_NAMES if n in parameters)
+    required = {n: v for n, v in _REQUIRED.items() if n in parameters}
     with pytest.raises(funcopt.FuncoptError, match="learning_rate must be >= 0.*maximize=True"):
-        factory(-1e-3)
+        factory(**{lr_name: -1e-3}, **required)
+
+
+def test_every_factory_but_the_wrappers_takes_a_learning_rate():
+    without = sorted(f.__name__ for f in registry.optimizer_factories() if f not in _WITH_LEARNING_RATE)
+    assert without == ["sam"], f"factories without learning_rate: {without}"
 
 
 @pytest.mark.parametrize("kwargs", [dict(b1=1.0), dict(b1=-0.1), dict(b2=1.5), dict(eps=-1.0)])

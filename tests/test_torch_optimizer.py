@@ -238,6 +238,7 @@ def test_state_dict_roundtrip_weights_only_and_resume():
     opt2 = as_torch_optimizer(funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2), resumed)
     opt2.load_state_dict(loaded["opt"])
     assert_trees_equal(opt2.funcopt_state, opt.funcopt_state)
+    assert_trees_equal(copy.deepcopy(opt2).funcopt_state, opt.funcopt_state)  # deepcopy keeps the state
     assert "ScaleByAdamState" in {type(s).__name__ for s in opt2.funcopt_state.inner_state}
     torch_run(opt2, resumed, X, Y, steps=3)
     assert_trees_equal(params_of(resumed), params_of(full))

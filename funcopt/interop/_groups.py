@@ -169,12 +169,13 @@ class FactorySource:
         self.zero = {k for k, v in self.hyper.items() if v == 0}
         self.current = dict(self.hyper)
         self._cache: tuple[tuple[float, ...], GradientTransformation] | None = None
-        # The fast route's transformation holds each hyperparameter that is not 0 at the build
-        # in a 0-dim float64 CPU tensor (a "cell"): it is built once, a new value is written
-        # into its cell, and the fast route reads the cells as floats at each step.
+        # For steps where values change, the fast route's transformation holds each
+        # hyperparameter that is not 0 at the build in a 0-dim float64 CPU tensor (a "cell"): it
+        # is built once, a new value is written into its cell (see fast()).
         self.cells = {k: torch.tensor(v, dtype=torch.float64) for k, v in self.hyper.items() if k not in self.zero}
         self._in_cells = {k: self.hyper[k] for k in self.cells}
         self._fast: tuple[tuple[float, ...], GradientTransformation] | None = None
+        self._last: dict[str, float] = dict(self.hyper)  # the values of the previous step
         self.build(self.hyper)  # range checks now, with the values given
 
     def keys(self, values: Mapping[str, float] | None = None) -> dict[str, Any]:
@@ -250,13 +251,19 @@ class FactorySource:
         return tx
 
     def fast(self, values: Mapping[str, float]) -> GradientTransformation:
-        """The transformation for ``values`` around the cells: rebuilt only when a value that
-        was 0 at the build changes (that value decides the chain's blocks), otherwise the same
-        object with the new values written into its cells, so that a learning rate or betas
-        changed at every step (any LR scheduler) rebuild and re-plan nothing.
+        """The transformation for the fast route of a step with ``values``.
 
-        Its fast route reads the cells as Python floats, which are exactly ``values``; its
-        reference chain would compute with CPU tensors, so :meth:`build` serves that path."""
+        While the values stay the same from step to step, the one :meth:`build` makes with
+        Python floats (its in-place fast route then reuses the previous step's checks). At a
+        step where they changed (an LR scheduler writes ``lr``, or ``betas``, at every step), the
+        one built around the cells, with the new values written into them: rebuilt only when a
+        value that was 0 at the build changes (it decides the chain's blocks), so a per-step
+        schedule rebuilds and re-plans nothing. Both read exactly ``values``.
+        """
+        steady = self._last == values
+        self._last = dict(values)
+        if steady or self._cache is not None and self._cache[0] == tuple(values[k] for k in self.hyper):
+            return self.build(values)
         for k, cell in self.cells.items():
             v = values[k]
             if self._in_cells[k] != v:

@@ -183,7 +183,7 @@ def test_state_is_in_torch_layout_and_dcp_state_dicts_resume_bitwise():
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
-    # writing opt.state[p] replaces the named buffers (Lightning moves state this way)
+    # writing opt.state[p] replaces the named buffers in the funcopt state
     opt.state[first] = {"step": opt.state[first]["step"], "exp_avg": torch.zeros_like(first)}
     assert funcopt.tree.leaves(opt.funcopt_state[0][0].mu)[0].abs().sum() == 0
     with pytest.raises(funcopt.FuncoptError, match=r"'momentum_buffer'.*has \['exp_avg'"):

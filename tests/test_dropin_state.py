@@ -188,3 +188,22 @@ def test_state_is_in_torch_layout_and_dcp_state_dicts_resume_bitwise():
     assert funcopt.tree.leaves(opt.funcopt_state[0][0].mu)[0].abs().sum() == 0
     with pytest.raises(funcopt.FuncoptError, match=r"'momentum_buffer'.*has \['exp_avg'"):
         opt.state[first] = {"momentum_buffer": torch.zeros_like(first)}
+
+
+def test_torch_state_dict_of_a_hand_built_transformation_needs_the_torch_optimizer():
+    model = make_model()
+    opt = as_torch_optimizer(funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2), model.parameters())
+    run(model, opt, STEPS, seed=1)
+    with pytest.raises(funcopt.FuncoptError, match=r"pass it: opt.torch_state_dict\(torch.optim.AdamW"):
+        opt.torch_state_dict()
+    back_model = copy.deepcopy(model)
+    back = torch.optim.Adam(back_model.parameters(), lr=0.5)
+    back.load_state_dict(opt.torch_state_dict(back))
+    assert back.param_groups[0]["lr"] == 1e-2  # the adapter's value, not the one torch was built with
+    run(back_model, back, STEPS, seed=2)
+    run(model, opt, STEPS, seed=2)
+    for a, b in zip(model.parameters(), back_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    lion = as_torch_optimizer(funcopt.lion, model.parameters(), lr=1e-3)
+    with pytest.raises(funcopt.FuncoptError, match="no counterpart of funcopt.lion"):
+        lion.torch_state_dict()

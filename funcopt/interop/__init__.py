@@ -5,8 +5,10 @@
 - :func:`as_torch_optimizer` wraps a funcopt optimizer as a ``torch.optim.Optimizer``
   (:class:`FuncoptOptimizer`), a drop-in for torch.optim in existing code: param groups with
   per-group hyperparameters in torch's names, every ``torch.optim.lr_scheduler``, torch's
-  skipping of ``None`` gradients, and ``load_state_dict`` of a torch.optim ``state_dict`` to
-  continue a run (see ``docs/migrating.md``);
+  skipping of ``None`` gradients, ``load_state_dict`` of a torch.optim ``state_dict`` to
+  continue a run and ``torch_state_dict()`` to go back, and its own ``state_dict()`` / ``opt.state``
+  in torch.optim's layout, which DCP's ``get_state_dict``/``set_state_dict`` save and restore
+  (see ``docs/migrating.md``);
 - :func:`state_to_plain` / :func:`state_from_plain` turn a state into plain containers (for
   ``state_dict``) and back.
 """

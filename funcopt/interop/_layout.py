@@ -202,13 +202,14 @@ class StateView(MutableMapping):
     def _find(self, p: Any) -> tuple[int, int] | None:
         groups = self._groups()
         key = tuple((id(group["params"]), len(group["params"])) for group in groups)
-        if self._index[0] != key:
-            index = {id(q): (i, j) for i, group in enumerate(groups) for j, q in enumerate(group["params"])}
-            self._index = (key, index)
-        at = self._index[1].get(id(p))
-        if at is None or groups[at[0]]["params"][at[1]] is not p:
-            return None
-        return at
+        for fresh in (False, True):  # the cached index, then one built now (a list changed in place)
+            if fresh or self._index[0] != key:
+                index = {id(q): (i, j) for i, group in enumerate(groups) for j, q in enumerate(group["params"])}
+                self._index = (key, index)
+            at = self._index[1].get(id(p))
+            if at is not None and groups[at[0]]["params"][at[1]] is p:
+                return at
+        return None
 
     def _params(self) -> Iterator[torch.Tensor]:
         for group in self._groups():

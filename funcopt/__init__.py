@@ -244,4 +244,4 @@ wrappers = transforms
 plateau = transforms
 stacked = sweep
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

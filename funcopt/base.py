@@ -12,26 +12,10 @@ import torch
 from funcopt import tree as _tree
 
 __all__ = [
-    "PyTree",
-    "OptState",
-    "Schedule",
-    "ScalarOrSchedule",
-    "GradientTransformation",
-    "TransformInitFn",
-    "TransformUpdateFn",
-    "EmptyState",
-    "FuncoptError",
-    "chain",
-    "identity",
-    "apply_updates",
-    "register_tree_adder",
-    "check_update_inputs",
-    "batched_updates",
-    "takes_batched_updates",
-    "float_leaves",
-    "stable_name",
-    "stable_name_of",
-    "type_of_stable_name",
+    "PyTree", "OptState", "Schedule", "ScalarOrSchedule", "GradientTransformation", "TransformInitFn",
+    "TransformUpdateFn", "EmptyState", "FuncoptError", "chain", "identity", "apply_updates",
+    "register_tree_adder", "check_update_inputs", "batched_updates", "takes_batched_updates", "float_leaves",
+    "stable_name", "stable_name_of", "type_of_stable_name",
 ]
 
 PyTree = Any
@@ -76,11 +60,8 @@ def stable_name(name: str) -> Callable[[type], type]:
     """Class decorator: the name checkpoints record a funcopt NamedTuple type under.
 
     The name (``"funcopt.ScaleByAdamState"``) does not depend on the module the class lives in,
-    so moving a class never breaks a saved file. Each name belongs to one class.
-
-    Example:
-        >>> @stable_name("funcopt.ScaleByAdamState")
-        ... class ScaleByAdamState(NamedTuple): ...
+    so moving a class never breaks a saved file. Each name belongs to one class. Example:
+    ``@stable_name("funcopt.ScaleByAdamState")`` above ``class ScaleByAdamState(NamedTuple)``.
     """
     if not isinstance(name, str) or not name.startswith("funcopt."):
         raise ValueError(f"stable_name: a funcopt stable name starts with 'funcopt.', got {name!r}")
@@ -133,7 +114,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` in sequence, like ``optax.chain``.
 
     The state is a plain tuple holding one state per transformation. Extra keyword arguments
-    given to ``update`` are passed to every member.
+    given to ``update`` are passed to every member. The outermost chain checks its inputs
+    (:func:`check_update_inputs`); given back the state its last update returned (it keeps a
+    reference to it) with gradients and params like the last ones, it compares only those.
 
     Example:
         >>> tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
@@ -149,6 +132,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     # after it, on the params-shaped updates it returns.
     last_batched = max((i for i, t in enumerate(transforms) if takes_batched_updates(t)), default=-1)
     head, tail = transforms[: last_batched + 1], transforms[last_batched + 1 :]
+    last: list[Any] = [None]  # (the state the last checked update returned, its inputs' signature)
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -167,9 +151,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         # The user's own call (not a chain nested in another): check the inputs once.
         _OUTERMOST.depth = 1
         try:
-            if not head:
-                check_update_inputs(init, updates, state, params)
-                return _run_chain(transforms, updates, state, params, extra_args)
+            if not head:  # the state this chain returned, with inputs like the last ones: checked
+                memo = last[0]
+                if memo is None or state is not memo[0] or not _fits(updates, params, memo):
+                    signature = check_update_inputs(init, updates, state, params)
+                    memo = None if signature is None else (None, *signature[:1], None, *signature[1:], ())
+                out, new_state = _run_chain(transforms, updates, state, params, extra_args)
+                functorch = torch._C._are_functorch_transforms_active()
+                last[0] = None if memo is None or functorch else _memo(new_state, updates, memo)
+                return out, new_state
             updates, first = _run_chain(head, updates, state[: len(head)], params, extra_args)
             check_update_inputs(init, updates, state, params, after=len(head))
             updates, rest = _run_chain(tail, updates, state[len(head) :], params, extra_args)
@@ -192,10 +182,8 @@ def batched_updates(tx: GradientTransformation) -> GradientTransformation:
     ``chain`` checks that the updates it is given match the params in shape and dtype; for a
     chain containing a marked member it checks the updates that the last marked member returns
     instead (which must be params-shaped). A chain containing a marked member is marked itself,
-    so nesting keeps working. ``differentially_private_aggregate`` (hence ``dpsgd``) is marked.
-
-    Example:
-        >>> tx = chain(batched_updates(my_per_example_clip()), scale_by_adam())
+    so nesting keeps working. ``differentially_private_aggregate`` (hence ``dpsgd``) is marked:
+    ``chain(batched_updates(my_per_example_clip()), scale_by_adam())``.
     """
     if not isinstance(tx, GradientTransformation):
         raise TypeError(f"batched_updates expects a GradientTransformation, got {type(tx).__name__}")
@@ -209,16 +197,14 @@ def batched_updates(tx: GradientTransformation) -> GradientTransformation:
 
 
 def takes_batched_updates(tx: GradientTransformation) -> bool:
-    """Whether ``tx`` (or a member of the chain it is) takes per-example updates
-    (:func:`batched_updates`)."""
+    """Whether ``tx`` (or a member of the chain it is) takes per-example updates (:func:`batched_updates`)."""
     return getattr(tx.update, "_funcopt_batched_updates", False) is True
 
 
 def _run_chain(transforms, updates, state, params, extra_args):
-    new_states = []
-    for t, s in zip(transforms, state):
-        updates, s = t.update(updates, s, params, **extra_args)
-        new_states.append(s)
+    new_states = [None] * len(transforms)
+    for i, (t, s) in enumerate(zip(transforms, state)):
+        updates, new_states[i] = t.update(updates, s, params, **extra_args)
     return updates, tuple(new_states)
 
 
@@ -227,24 +213,21 @@ class _Nesting(threading.local):
 
 
 _OUTERMOST = _Nesting()
-_FLOATING = frozenset(
-    (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
-)
+_FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128))
 _EXPECTED_STATE: dict[tuple[Any, Any, Any], tuple[list[int], list[torch.Size]]] = {}
 
 
 def check_update_inputs(
     init: Callable[[PyTree], OptState], updates: PyTree, state: OptState, params: PyTree | None, after: int = 0
-) -> None:
+) -> tuple[Any, list[torch.Size], list[torch.dtype]] | None:
     """Raises ``FuncoptError`` naming the path and the fix unless the gradients are floating-point
     tensors matching ``params`` exactly in structure, shape and dtype (no broadcasting) and the
     state's leaves in shape (those ``init`` builds with at least one dimension for these params,
-    e.g. Adam's ``mu``; found once per tree structure and shapes by running ``init`` on meta
-    tensors, then cached).
-
-    Metadata only (no device sync, no tensor data read), so a step pays a few microseconds. Every ``chain`` (so every optimizer) runs it once per
-    ``update``, at the outermost chain; optimizers with a fast route run the same checks as part
-    of planning their kernels.
+    e.g. Adam's ``mu``; found by running ``init`` on meta tensors once per structure and shapes).
+    Metadata only (no device sync, no tensor data read). Every ``chain`` (so every optimizer)
+    runs it at the outermost chain; fast routes run the same checks while planning. Returns the
+    gradients' (treespec, shapes, dtypes) where all of it was checked (plain tensors, params
+    given), else None; ``after``: the updates come from the chain's first ``after`` members.
     """
     g, g_spec = optree.tree_flatten(updates, none_is_leaf=False)
     if not set(map(type, g)) <= _PLAIN_TENSORS:  # numbers, masked placeholders, subclasses
@@ -254,10 +237,8 @@ def check_update_inputs(
     dtypes = list(map(_DTYPE, g))
     if not set(dtypes) <= _FLOATING:
         i = next(j for j, d in enumerate(dtypes) if d not in _FLOATING)
-        raise FuncoptError(
-            f"update: the gradient at {_tree.paths(updates)[i]} has dtype {dtypes[i]}; gradients must "
-            "be floating-point tensors (the gradients of floating-point params)."
-        )
+        raise FuncoptError(f"update: the gradient at {_tree.paths(updates)[i]} has dtype {dtypes[i]}; gradients "
+                           "must be floating-point tensors (the gradients of floating-point params).")
     shapes = list(map(_SHAPE, g))
     if params is not None:
         p, p_spec = optree.tree_flatten(params, none_is_leaf=False)
@@ -281,19 +262,57 @@ def check_update_inputs(
     s, s_spec = optree.tree_flatten(state, none_is_leaf=False)
     key = (s_spec, g_spec, tuple(shapes))
     expected = _EXPECTED_STATE.get(key)
-    if expected is None:
+    if expected is None and len(_EXPECTED_STATE) < 256:
+        expected = _EXPECTED_STATE[key] = _expected_state_shapes(init, g, g_spec, s)
+    elif expected is None:
         expected = _expected_state_shapes(init, g, g_spec, s)
-        if len(_EXPECTED_STATE) < 256:
-            _EXPECTED_STATE[key] = expected
     if expected and [s[i].shape for i in expected[0]] != expected[1]:
         for i, shape in zip(*expected):
             if s[i].shape != shape:
                 raise FuncoptError(
-                    f"update: the optimizer state's leaf {_tree.paths(state)[i]} has shape "
-                    f"{tuple(s[i].shape)}, but init builds {tuple(shape)} for gradients of these shapes. "
-                    "funcopt never broadcasts: was this state built by init for these params (same "
-                    "model)? Build it again with tx.init(params)."
+                    f"update: the optimizer state's leaf {_tree.paths(state)[i]} has shape {tuple(s[i].shape)}, but "
+                    f"init builds {tuple(shape)} for gradients of these shapes. funcopt never broadcasts: was this "
+                    "state built by init for these params (same model)? Build it again with tx.init(params)."
                 )
+    return None if params is None else (g_spec, shapes, dtypes)
+
+
+def _fits(updates: PyTree, params: PyTree | None, memo: tuple[Any, ...]) -> bool:
+    """Whether ``updates`` and ``params`` are plain tensors like a checked step's and the state
+    ``memo`` keeps (the one that step returned) still holds the same buffers."""
+    _, spec, getter, shapes, dtypes, held = memo
+    if getter is not None and type(updates) is dict is type(params) and len(updates) == len(params) == len(shapes):
+        try:
+            g, p = getter(updates), getter(params)
+        except KeyError:
+            return False
+    elif params is None:
+        return False
+    else:
+        (g, g_spec), (p, p_spec) = optree.tree_flatten(updates, none_is_leaf=False), optree.tree_flatten(params, none_is_leaf=False)
+        if not g_spec == spec == p_spec:
+            return False
+    return (
+        set(map(type, g)) <= _PLAIN_TENSORS >= set(map(type, p))
+        and list(map(_SHAPE, g)) == shapes == list(map(_SHAPE, p))
+        and list(map(_DTYPE, g)) == dtypes == list(map(_DTYPE, p))
+        and all([len(d) == len(v) and all(map(operator.is_, d.values(), v)) for d, v in held])
+    )
+
+
+def _memo(state: OptState, updates: PyTree, memo: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """``memo`` for the state a checked step returned, or None where the state holds containers
+    other than flat dicts of tensors in its NamedTuples (those are checked in full each step)."""
+    held = []
+    for entry in state:
+        for v in entry if hasattr(entry, "_fields") else (entry,):
+            if type(v) is dict and set(map(type, v.values())) <= _PLAIN_TENSORS:
+                held.append((v, list(v.values())))
+            elif not (type(v) in _PLAIN_TENSORS or v is None or type(v) in (int, float, bool) or v == ()):
+                return None
+    getter, flat = memo[2], type(updates) is dict and memo[1].num_nodes == len(updates) + 1 > 2
+    getter = getter or (operator.itemgetter(*[k[0] for k in optree.tree_paths(updates)]) if flat else None)
+    return (state, memo[1], getter, memo[3], memo[4], held)
 
 
 def _expected_state_shapes(
@@ -309,10 +328,8 @@ def _expected_state_shapes(
         return [], []
     if len(built) != len(s):
         return [], []
-    where = [
-        i for i, (x, y) in enumerate(zip(built, s))
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim >= 1
-    ]
+    tensors = [isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim >= 1 for x, y in zip(built, s)]
+    where = [i for i, t in enumerate(tensors) if t]
     return where, [built[i].shape for i in where]
 
 
@@ -326,20 +343,18 @@ def _raise_bad_gradient(params: PyTree, i: int, p: torch.Tensor, g: torch.Tensor
                 "pass per-example gradients with one leading batch axis, (batch, *param_shape)."
             )
         raise FuncoptError(
-            f"update: the gradient at {path} has shape {tuple(g.shape)} but the parameter has "
-            f"{tuple(p.shape)}. funcopt never broadcasts a gradient: were the gradients computed for "
-            "these params (same model, the batch dimension reduced by the loss)?"
+            f"update: the gradient at {path} has shape {tuple(g.shape)} but the parameter has {tuple(p.shape)}. funcopt "
+            "never broadcasts a gradient: were the gradients computed for these params (same model, the batch "
+            "dimension reduced by the loss)?"
         )
     if not (p.is_floating_point() or p.is_complex()):
         raise FuncoptError(
-            f"update: the parameter at {path} has dtype {p.dtype}; only floating-point (or complex) "
-            "tensors can be optimized. Cast it with .float(), or keep it out of the optimizer (a "
-            "buffer, or funcopt.freeze)."
+            f"update: the parameter at {path} has dtype {p.dtype}; only floating-point (or complex) tensors can be "
+            "optimized. Cast it with .float(), or keep it out of the optimizer (a buffer, or funcopt.freeze)."
         )
     raise FuncoptError(
-        f"update: the gradient at {path} has dtype {g.dtype} but the parameter has {p.dtype}. Cast the "
-        f"gradients to the params' dtype (e.g. funcopt.tree.cast(grads, {p.dtype})), or keep the params "
-        "in the gradients' dtype."
+        f"update: the gradient at {path} has dtype {g.dtype} but the parameter has {p.dtype}. Cast the gradients "
+        f"to the params' dtype (e.g. funcopt.tree.cast(grads, {p.dtype})), or keep the params in the gradients' dtype."
     )
 
 
@@ -358,28 +373,26 @@ def _diagnose_structure(updates: PyTree, state: OptState, error: Exception) -> N
                     _tree.check_same_structure(value, updates, (f"the optimizer state's {field}", "grads"))
                 except ValueError as e:
                     raise FuncoptError(
-                        f"update: {e} The state was built by init from the params, so the gradients "
-                        "must have one entry per parameter: pass zeros for a frozen one, or build the "
-                        "optimizer state from the same params."
+                        f"update: {e} The state was built by init from the params, so the gradients must have "
+                        "one entry per parameter: pass zeros for a frozen one, or build the state from the same params."
                     ) from error
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """Returns ``params + updates`` leaf-wise, like ``optax.apply_updates``.
 
-    Each result keeps the dtype of its parameter. The two trees must have the same structure;
-    a mismatch raises ``ValueError`` naming the first differing path. Plain tensors of equal
-    dtype, shape and device, none requiring grad, are added with one multi-tensor
-    ``torch._foreach_add`` (the same numbers, less per-leaf overhead), or by a registered
-    adder (:func:`register_tree_adder`; the native backend adds large float32/float64 CPU
-    trees in one pass with streaming stores, bitwise the same sums); elsewhere (under
-    ``torch.func`` transforms and ``torch.compile``, or for mixed leaves) leaf by leaf.
+    Each result keeps the dtype of its parameter. The two trees must have the same structure; a
+    mismatch raises ``ValueError`` naming the first differing path. Plain tensors of equal dtype,
+    shape and device, none requiring grad, are added with one ``torch._foreach_add`` (the same
+    numbers) or by a registered adder (:func:`register_tree_adder`: the native backend's one-pass
+    add of large CPU trees); elsewhere (``torch.func`` transforms, ``torch.compile``, mixed leaves)
+    leaf by leaf.
     """
     if isinstance(params, torch.nn.Module):
         raise FuncoptError(
-            f"apply_updates got a {type(params).__name__} module as params. funcopt works on pytrees of "
-            "tensors: use `params, buffers = funcopt.nn.extract(model)` (and funcopt.nn.load to put "
-            "them back), or funcopt.as_torch_optimizer for code built around module parameters."
+            f"apply_updates got a {type(params).__name__} module as params. funcopt works on pytrees of tensors: use "
+            "`params, buffers = funcopt.nn.extract(model)` (and funcopt.nn.load to put them back), or "
+            "funcopt.as_torch_optimizer for code built around module parameters."
         )
     p, spec = optree.tree_flatten(params, none_is_leaf=False)
     u, u_spec = optree.tree_flatten(updates, none_is_leaf=False)
@@ -423,19 +436,16 @@ _PLAIN_TENSORS = frozenset((torch.Tensor, torch.nn.Parameter))
 _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
-
-
 _TREE_ADDERS: list[Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor] | None]] = []
 
 
 def register_tree_adder(adder: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor] | None]) -> None:
     """Lets :func:`apply_updates` try ``adder(p, u)`` before ``torch._foreach_add``.
 
-    ``p`` and ``u`` are aligned lists of plain float tensors of equal dtype, shape and device,
-    none requiring grad, outside ``torch.func`` transforms and ``torch.compile``. The adder
-    returns fresh tensors equal to ``[a + b for a, b in zip(p, u)]`` bitwise, or None to pass.
-    A backend registers one when it is imported (``funcopt.fast.native`` does); registering
-    the same adder twice has no effect.
+    ``p`` and ``u`` are aligned lists of plain float tensors of equal dtype, shape and device, none
+    requiring grad, outside ``torch.func`` transforms and ``torch.compile``. The adder returns fresh
+    tensors equal to ``[a + b for a, b in zip(p, u)]`` bitwise, or None to pass. A backend registers
+    one on import (``funcopt.fast.native`` does); registering it twice has no effect.
     """
     if adder not in _TREE_ADDERS:
         _TREE_ADDERS.append(adder)
@@ -447,13 +457,11 @@ def _can_add_together(p: list[Any], u: list[Any]) -> bool:
         return False
     try:
         return (
-            set(map(type, p)) <= _PLAIN_TENSORS
-            and set(map(type, u)) <= _PLAIN_TENSORS
+            set(map(type, p)) <= _PLAIN_TENSORS >= set(map(type, u))
             and list(map(_DTYPE, p)) == list(map(_DTYPE, u))
             and list(map(_SHAPE, p)) == list(map(_SHAPE, u))
             and list(map(torch.Tensor.get_device, p)) == list(map(torch.Tensor.get_device, u))
-            and True not in map(_REQUIRES_GRAD, p)
-            and True not in map(_REQUIRES_GRAD, u)
+            and True not in map(_REQUIRES_GRAD, p) and True not in map(_REQUIRES_GRAD, u)
             and all(map(torch.Tensor.is_floating_point, p))
         )
     except (AttributeError, RuntimeError):
@@ -480,16 +488,13 @@ def check_state(state: Any, expected: type, transform_name: str) -> None:
     """Raises ``FuncoptError`` if ``state`` is not an instance of ``expected``."""
     if not isinstance(state, expected):
         raise FuncoptError(
-            f"{transform_name} expected its state to be a {expected.__name__}, got "
-            f"{type(state).__name__}. Pass the state returned by this optimizer's own init "
-            "(a state from a different optimizer or chain position does not fit)."
+            f"{transform_name} expected its state to be a {expected.__name__}, got {type(state).__name__}. Pass the "
+            "state returned by this optimizer's own init (a state from a different optimizer or chain position does not fit)."
         )
 
 
 def require_params(params: Any, transform_name: str) -> None:
     """Raises ``FuncoptError`` when a transformation that needs ``params`` got ``None``."""
     if params is None:
-        raise FuncoptError(
-            f"{transform_name} needs the current parameters: call "
-            "`tx.update(grads, state, params)` instead of `tx.update(grads, state)`."
-        )
+        raise FuncoptError(f"{transform_name} needs the current parameters: call `tx.update(grads, state, params)` "
+                           "instead of `tx.update(grads, state)`.")

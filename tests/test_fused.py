@@ -92,15 +92,14 @@ def test_mixed_float32_and_float64_leaves_run_fast_per_dtype(name):
 
 
 def test_inject_hyperparams_takes_the_fast_path_and_is_bitwise_equal(monkeypatch):
-    calls = []  # steps planned for the fast path (either route: torch kernels or native)
-    original = FastPath.plan
+    calls = []  # pure steps run by the fast path (either route: torch kernels or native)
+    original = FastPath._remember_pure
 
-    def plan(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        calls.append(type(result) is not str)
-        return result
+    def remember(self, *args, **kwargs):
+        calls.append(True)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(FastPath, "plan", plan)
+    monkeypatch.setattr(FastPath, "_remember_pure", remember)
     params = nested_params()
     plain = funcopt.adam(1e-2, weight_decay=1e-3)
     injected = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2, weight_decay=1e-3)
@@ -279,3 +278,75 @@ def test_sparse_or_mismatched_gradients_are_not_taken_by_the_fast_path():
     assert not fused.fast_path_applies(tx, {"w": torch.randn(3, 4)}, state, params)
     assert not fused.fast_path_applies(tx, {"w": torch.randn(4, 3, dtype=torch.float64)}, state, params)
     assert fused.fast_path_applies(tx, {"w": torch.randn(4, 3)}, state, params)
+
+
+def test_pure_steps_given_their_own_state_back_skip_planning_and_still_check(monkeypatch):
+    """The everyday loop hands each pure step's state to the next: the fast route then checks
+    only the gradients and params (PureMemo). The numbers equal the reference chain's, and any
+    change to what the memo relied on plans afresh (or takes the reference path)."""
+    planned = []
+    original = FastPath.plan
+    monkeypatch.setattr(FastPath, "plan", lambda self, *a, **k: planned.append(1) or original(self, *a, **k))
+    gen = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 3, generator=gen, dtype=torch.float64), "b": torch.randn(3, generator=gen, dtype=torch.float64)}
+    runs = {}
+    for mode in ("update", "pure_step", "reference"):
+        tx = funcopt.adamw(1e-2, weight_decay=0.1)
+        p, s = params, tx.init(params)
+        for i in range(4):
+            g = _grads(params, i)
+            with fused.fast_path_enabled(mode != "reference"):
+                if mode == "pure_step":
+                    p, s = funcopt.apply_gradients(tx, g, s, p)
+                else:
+                    u, s = tx.update(g, s, p)
+                    p = funcopt.apply_updates(p, u)
+        runs[mode] = (p, s)
+        if mode != "reference":
+            assert len(planned) == 1, mode  # steps 2-4 reused the first step's checks
+            planned.clear()
+    assert_trees_close(runs["update"], runs["reference"], rtol=1e-13, atol=1e-15)
+    assert_trees_close(runs["pure_step"], runs["reference"], rtol=1e-13, atol=1e-15)
+
+    tx = funcopt.adamw(1e-2, weight_decay=0.1)
+    _, s = tx.update(_grads(params, 0), tx.init(params), params)
+    g = _grads(params, 1)
+    expected, _ = funcopt.adamw(1e-2, weight_decay=0.1).update(g, s, params)
+    s[0].mu["w"] = s[0].mu["w"].t().contiguous().t()  # the returned dict changed: not contiguous
+    u, _ = tx.update(g, s, params)
+    assert_trees_close(u, expected, rtol=1e-13, atol=1e-15)
+    planned.clear()
+    _, s = tx.update(g, tx.init(params), params)
+    with pytest.raises(funcopt.FuncoptError, match=r"gradient at \['w'\] has shape \(1, 3\)"):
+        tx.update(dict(g, w=torch.ones(1, 3, dtype=torch.float64)), s, params)
+    with pytest.raises(funcopt.FuncoptError, match="dtype torch.float32 but the parameter has torch.float64"):
+        tx.update({k: v.float() for k, v in g.items()}, s, params)
+    u, _ = tx.update({k: v.clone().requires_grad_() for k, v in g.items()}, s, params)  # reference path
+    assert all(x.requires_grad for x in u.values())
+
+
+def test_a_medium_pure_cpu_step_sets_glibcs_own_dynamic_thresholds_silently():
+    code = (
+        "import warnings, torch, funcopt\n"
+        "from funcopt.fast._control import AUTO_ALLOCATOR\n"
+        "tx = funcopt.adam(1e-3)\n"
+        "small = {'w': torch.zeros(1000)}\n"
+        "tx.update({'w': torch.ones(1000)}, tx.init(small), small)\n"
+        "before = AUTO_ALLOCATOR.applied\n"
+        "p = {'w': torch.zeros(256, 256)}\n"  # 256 KB: above glibc's initial 128 KB mmap threshold
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    u, _ = tx.update({'w': torch.ones(256, 256)}, tx.init(p), p)\n"
+        "print(before, AUTO_ALLOCATOR.applied, len(w), float(u['w'][0, 0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, n_warnings, first = out.stdout.split()
+    assert (before, n_warnings) == ("None", "0")
+    if sys.platform.startswith("linux"):
+        assert after == "medium"
+    assert float(first) == pytest.approx(-1e-3)
+    env = dict(__import__("os").environ, MALLOC_TRIM_THRESHOLD_="1000000")  # the user's own setting wins
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[1] == "None"

@@ -147,3 +147,42 @@ def test_per_example_blocks_opt_out_and_the_check_runs_after_them():
         tx.update(bad, tx.init(params), params)
     with pytest.raises(TypeError, match="GradientTransformation"):
         funcopt.base.batched_updates(funcopt.adam)
+
+
+def test_a_returned_state_skips_the_full_check_but_changes_are_still_caught(monkeypatch):
+    """Given back the state its last update returned, with gradients and params like the last
+    ones, the chain compares only those; anything else runs the full check again."""
+    import funcopt.base as base_module
+
+    calls = []
+    full = base_module.check_update_inputs
+    monkeypatch.setattr(base_module, "check_update_inputs", lambda *a, **k: calls.append(1) or full(*a, **k))
+    tx, params = funcopt.sgd(0.1, momentum=0.9), _params(torch.float64)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    with funcopt.fast.fast_path_enabled(False):  # the reference chain
+        state = tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, params)
+        assert len(calls) == 1
+        with pytest.raises(funcopt.FuncoptError, match=r"gradient at \['w'\] has shape \(1, 3\)"):
+            tx.update(dict(grads, w=torch.ones(1, 3, dtype=torch.float64)), state, params)
+        with pytest.raises(funcopt.FuncoptError, match="has dtype torch.float32 but the parameter has torch.float64"):
+            tx.update({k: v.float() for k, v in grads.items()}, state, params)
+        _, state = tx.update(grads, state, params)
+        state[0].momentum_buffer["w"] = torch.zeros(1, 3, dtype=torch.float64)  # the returned dict changed in place
+        with pytest.raises(funcopt.FuncoptError, match=r"state's leaf .*\['w'\] has shape \(1, 3\)"):
+            tx.update(grads, state, params)
+    # the memo's steps give the full check's numbers: 4 momentum steps against torch.optim.SGD
+    ref = {k: v.clone().requires_grad_() for k, v in params.items()}
+    opt = torch.optim.SGD(ref.values(), lr=0.1, momentum=0.9)
+    p, s = params, tx.init(params)
+    with funcopt.fast.fast_path_enabled(False):
+        for i in range(4):
+            g = {k: torch.full_like(v, float(i + 1)) for k, v in params.items()}
+            for k, r in ref.items():
+                r.grad = g[k].clone()
+            opt.step()
+            u, s = tx.update(g, s, p)
+            p = funcopt.apply_updates(p, u)
+    for k in params:
+        torch.testing.assert_close(p[k], ref[k].detach(), rtol=1e-14, atol=0)

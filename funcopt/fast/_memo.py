@@ -153,3 +153,122 @@ class Memo(NamedTuple):
         counts = {i: state[i].count for i in layout.counted}
         scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()}
         return old._replace(lr=lr, p=p, g=g, counts=counts, scalars=scalars)
+
+
+class PureMemo(NamedTuple):
+    """What a pure step (``update`` or the pure training step) checked, kept for the next one.
+
+    The everyday loop hands the state a pure step returned straight back to the next step.
+    Its buffers are then tensors the fast route made itself (plain, contiguous, of the
+    gradients' shapes, dtypes and device), so :meth:`replan` checks only what the caller
+    brings anew: the gradients and the params. It holds the state that step returned (which
+    the caller holds anyway until the next step).
+    """
+
+    state: tuple
+    plan: Plan  # with that state's buffers; g, p, counts and scalars are filled in per step
+    reader: LeafReader
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    devices: list[int]
+    containers: tuple[tuple[Any, list[torch.Tensor]], ...]
+    layout: Layout
+    learning_rate: Any  # a float or a schedule
+    needs_params: bool  # whether the kernels read the params (a pure step adds into them)
+
+    @staticmethod
+    def of(
+        state: tuple, plan: Plan, grads: PyTree, buffers: dict[str, list[torch.Tensor] | None], layout: Layout,
+        learning_rate: Any, needs_params: bool,
+    ) -> PureMemo:
+        containers = tuple(
+            (subtree, _container_leaves(subtree))
+            for i, k in layout.buffers.values()
+            for subtree in (state[i][k],)
+        )
+        g = plan.g
+        return PureMemo(
+            state,
+            plan._replace(g=[], p=None, counts={}, scalars={}, buffers=buffers),
+            LeafReader(grads, plan.spec),
+            list(map(_SHAPE, g)),
+            list(map(_DTYPE, g)),
+            list(map(_Tensor.get_device, g)),
+            containers,
+            layout,
+            learning_rate,
+            needs_params,
+        )
+
+    def replan(self, grads: PyTree, state: tuple, params: PyTree | None) -> Plan | None:
+        """The remembered plan with this step's gradients, params, counts and learning rate, or
+        None where anything it relied on changed (the caller then plans from scratch).
+
+        ``state`` is the state the remembered step returned; its containers must still hold
+        the buffers that step made. Checked again: the gradients (and, where the kernels read
+        them, the params) are plain contiguous tensors of the remembered shapes, dtypes and
+        device, not requiring grad; params the kernels do not read match the gradients in
+        structure, shape and dtype.
+        """
+        g = self.reader.leaves(grads)
+        if g is None:
+            return None
+        p = None
+        try:  # one C-level map per property
+            if (
+                not set(map(type, g)) <= _PLAIN_SET
+                or list(map(_SHAPE, g)) != self.shapes
+                or list(map(_DTYPE, g)) != self.dtypes
+                or list(map(_Tensor.get_device, g)) != self.devices
+                or True in map(_REQUIRES_GRAD, g)
+                or not all(map(_Tensor.is_contiguous, g))
+            ):
+                return None
+            if params is not None:
+                p = self.reader.leaves(params)
+                if (
+                    p is None
+                    or not set(map(type, p)) <= _PLAIN_SET
+                    or list(map(_SHAPE, p)) != self.shapes
+                    or list(map(_DTYPE, p)) != self.dtypes
+                ):
+                    return None
+                if self.needs_params and (
+                    list(map(_Tensor.get_device, p)) != self.devices
+                    or True in map(_REQUIRES_GRAD, p)
+                    or not all(map(_Tensor.is_contiguous, p))
+                ):
+                    return None
+            elif self.needs_params:
+                return None
+        except (AttributeError, RuntimeError, TypeError):
+            return None
+        for subtree, leaves in self.containers:
+            current = _container_leaves(subtree)
+            if len(current) != len(leaves) or not all(map(operator.is_, current, leaves)):
+                return None
+        layout = self.layout
+        old = self.plan
+        if callable(self.learning_rate):
+            lr = learning_rate_at(self.learning_rate, state, schedule_position(layout))
+            if type(lr) is str:
+                return None
+        else:
+            lr = old.lr
+        counts = {i: state[i].count for i in layout.counted}
+        scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()} if layout.scalars else {}
+        return Plan(old.h, lr, old.spec, old.columns, p if self.needs_params else None, g, old.buffers, counts, scalars)
+
+    def next(self, state: tuple, plan: Plan, buffers: dict[str, list[torch.Tensor] | None]) -> PureMemo:
+        """This memo for the state a step planned by :meth:`replan` returned."""
+        containers = tuple(
+            (subtree, _container_leaves(subtree))
+            for i, k in self.layout.buffers.values()
+            for subtree in (state[i][k],)
+        )
+        old = plan
+        kept = Plan(old.h, old.lr, old.spec, old.columns, None, [], buffers, {}, {})
+        return PureMemo(
+            state, kept, self.reader, self.shapes, self.dtypes, self.devices, containers, self.layout,
+            self.learning_rate, self.needs_params,
+        )

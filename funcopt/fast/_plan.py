@@ -338,3 +338,46 @@ def state_with(
     for i, values in touched.items():
         entries[i] = tuple.__new__(types[i], values)  # the NamedTuple, as ``_make`` builds it
     return tuple(entries)
+
+
+def params_fit(params: PyTree, plan: Plan) -> bool:
+    """Whether params the kernel does not read still match the gradients in structure, shape and
+    dtype (else the reference path runs, whose input checks name the leaf)."""
+    p, spec = flatten(params)
+    return spec == plan.spec and list(map(_SHAPE, p)) == list(map(_SHAPE, plan.g)) and (
+        list(map(_DTYPE, p)) == list(map(_DTYPE, plan.g))
+    )
+
+
+def scalar_ok(x: Any, device: torch.device) -> bool:
+    return (
+        type(x) is torch.Tensor
+        and x.dim() == 0
+        and x.device == device
+        and not x.requires_grad
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
+def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
+    return column if len(idx) == len(column) else [column[i] for i in idx]
+
+
+def per_dtype_group(plan: Plan, step: Any) -> tuple[list[Any], dict[str, list[Any] | None]]:
+    """Runs ``step(g, p, buffers) -> (outputs, new buffers)`` on each dtype group of ``plan``
+    and returns the outputs and new buffers in leaf order."""
+    n = len(plan.g)
+    out: list[Any] = [None] * n
+    new_buffers: dict[str, list[Any] | None] = {k: (None if v is None else [None] * n) for k, v in plan.buffers.items()}
+    for idx in plan.columns.groups:
+        g = _pick(plan.g, idx)
+        p = _pick(plan.p, idx) if plan.p is not None else None
+        res, res_buffers = step(g, p, {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()})
+        if len(idx) == n:  # one dtype group: the lists are already in leaf order
+            return list(res), res_buffers
+        for j, i in enumerate(idx):
+            out[i] = res[j]
+            for k, column in res_buffers.items():
+                if column is not None:
+                    new_buffers[k][i] = column[j]
+    return out, new_buffers

@@ -19,10 +19,8 @@ import torch
 from funcopt.base import GradientTransformation, PyTree
 from funcopt.fast._backends import _BACKENDS
 from funcopt.fast._control import AUTO_ALLOCATOR
-from funcopt.fast._memo import Memo
+from funcopt.fast._memo import Memo, PureMemo
 from funcopt.fast._plan import (
-    _DTYPE,
-    _SHAPE,
     KernelCall,
     Layout,
     Plan,
@@ -31,6 +29,9 @@ from funcopt.fast._plan import (
     count_ok,
     flatten,
     learning_rate_at,
+    params_fit,
+    per_dtype_group,
+    scalar_ok,
     schedule_position,
     scalar,
     state_with,
@@ -110,6 +111,7 @@ class FastPath:
         self._reads_params = type(self._static_h) is dict and self.reads_params(self._static_h)
         self._layout: Layout | None = None
         self.memo: Memo | None = None
+        self.pure_memo: PureMemo | None = None
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class FastPath:
                 return "a step count is not a 0-dim int64 tensor on the params' device"
         scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()}
         for name, x in scalars.items():
-            if not _scalar_ok(x, cols.device):
+            if not scalar_ok(x, cols.device):
                 return f"the state's {name} is not a plain 0-dim tensor on the params' device"
         return Plan(h, lr, spec, cols, p, g, buffers, counts, scalars)
 
@@ -219,6 +221,13 @@ class FastPath:
         ones around ``plan``'s buffers (for :meth:`pure_step`, whose buffers are copies).
         ``first`` (whether momentum starts now) is read from the step count when not given.
         """
+        out, new_state, _ = self._execute(plan, state, donate, new_containers, first)
+        return out, new_state
+
+    def _execute(
+        self, plan: Plan, state: tuple, donate: bool, new_containers: bool = False, first: bool | None = None
+    ) -> tuple[list[torch.Tensor], tuple, dict[str, list[torch.Tensor] | None]]:
+        """:meth:`run`, also returning the new state's buffers (leaf lists in the grads' order)."""
         new_counts = {k: c + 1 for k, c in plan.counts.items()}
         step, first = self._kernel_call(plan, new_counts, first)
         kernel, h, lr = self.route.kernel, plan.h, plan.lr
@@ -241,14 +250,21 @@ class FastPath:
         if len(plan.columns.groups) == 1:  # the common case: one dtype, no re-indexing
             out, new_buffers = group_step(plan.g, plan.p, plan.buffers)
         else:
-            out, new_buffers = _per_dtype_group(plan, group_step)
+            out, new_buffers = per_dtype_group(plan, group_step)
         layout = self._layout
         if donate and not new_containers:  # written in place: the containers are handed on
-            return out, state_with(layout, plan.spec, state, None, new_counts, new_scalars)
-        return out, state_with(layout, plan.spec, state, new_buffers, new_counts, new_scalars)
+            return out, state_with(layout, plan.spec, state, None, new_counts, new_scalars), new_buffers
+        return out, state_with(layout, plan.spec, state, new_buffers, new_counts, new_scalars), new_buffers
 
     def run_backend(self, plan: Plan, state: tuple, write_params: bool) -> tuple[list[torch.Tensor], tuple] | None:
         """Runs the first registered backend that takes this pure step, or returns None."""
+        result = self._backend(plan, state, write_params)
+        return None if result is None else result[:2]
+
+    def _backend(
+        self, plan: Plan, state: tuple, write_params: bool
+    ) -> tuple[list[torch.Tensor], tuple, dict[str, list[torch.Tensor] | None]] | None:
+        """:meth:`run_backend`, also returning the new state's buffers."""
         if plan.scalars:  # backend kernels know no scalar state fields
             return None
         for backend in _BACKENDS:
@@ -263,8 +279,8 @@ class FastPath:
                 bufs = dict(bufs)
                 return kernel(KernelCall(h, lr, p, g, bufs, False, write_params, step, first)), bufs
 
-            out, new_buffers = _per_dtype_group(plan, group_step)
-            return out, state_with(self.layout(), plan.spec, state, new_buffers, new_counts)
+            out, new_buffers = per_dtype_group(plan, group_step)
+            return out, state_with(self.layout(), plan.spec, state, new_buffers, new_counts), new_buffers
         return None
 
     # -- entry points ---------------------------------------------------------------------
@@ -274,17 +290,36 @@ class FastPath:
 
     def update(self, updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any):
         if not torch.compiler.is_compiling() and self.usable():
-            plan = self.plan(updates, state, params, donate=False)
-            if type(plan) is Plan and (params is None or plan.p is not None or _params_fit(params, plan)):
-                if AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
+            memo = self.pure_memo
+            plan = memo.replan(updates, state, params) if memo is not None and state is memo.state else None
+            first = False if plan is not None else None  # a returned state has counted a step
+            if plan is None:
+                plan = self.plan(updates, state, params, donate=False)
+                if type(plan) is not Plan or not (params is None or plan.p is not None or params_fit(params, plan)):
+                    plan = None
+                elif AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
                     AUTO_ALLOCATOR.consider(plan.g)
-                result = self.run_backend(plan, state, write_params=False)
-                out, new_state = result if result is not None else self.run(plan, state, donate=False)
+            if plan is not None:
+                result = self._backend(plan, state, write_params=False)
+                if result is None:
+                    result = self._execute(plan, state, donate=False, first=first)
+                out, new_state, buffers = result
+                self._remember_pure(new_state, plan, updates, buffers, plan.p is not None, memo if first is False else None)
                 return optree.tree_unflatten(plan.spec, out), new_state
             on_shards = update_on_shards(self, updates, state, params)  # DTensors (FSDP2)
             if on_shards is not None:
                 return on_shards
         return self.reference.update(updates, state, params, **extra_args)
+
+    def _remember_pure(
+        self, state: tuple, plan: Plan, grads: PyTree, buffers: dict, needs_params: bool, memo: PureMemo | None
+    ) -> None:
+        """Keeps what this pure step checked for the next one (static hyperparameters only);
+        ``memo``: the memo that planned this step, if any."""
+        if memo is not None and memo.needs_params == needs_params:
+            self.pure_memo = memo.next(state, plan, buffers)
+        elif type(self._static_h) is dict:
+            self.pure_memo = PureMemo.of(state, plan, grads, buffers, self._layout, self.learning_rate, needs_params)
 
     def pure_step(self, grads: PyTree, state: Any, params: PyTree) -> tuple[PyTree, Any] | None:
         """``update`` followed by ``apply_updates`` in one pure step: returns (new params, new
@@ -297,26 +332,33 @@ class FastPath:
         the kernel (no zeroed update buffer, no separate addition), and so does one that asks
         for it (``copies_for_pure_step``); any other kernel computes fresh updates in its pure
         mode, added to the params with one multi-tensor add, which moves fewer bytes than
-        copying every buffer first. Nothing passed in is written.
+        copying every buffer first. Nothing passed in is written. A step given the state the
+        previous pure step returned reuses that step's checks (:class:`PureMemo`).
         """
         if not self.usable():
             return None
-        plan = self.plan(grads, state, params, donate=True)
-        if type(plan) is not Plan:
-            return None
-        if AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
-            AUTO_ALLOCATOR.consider(plan.g)
-        result = self.run_backend(plan, state, write_params=True)
+        memo = self.pure_memo
+        repeated = memo is not None and state is memo.state and memo.needs_params
+        plan = memo.replan(grads, state, params) if repeated else None
+        first = False if plan is not None else None  # a returned state has counted a step
+        if plan is None:
+            plan = self.plan(grads, state, params, donate=True)
+            if type(plan) is not Plan:
+                return None
+            if AUTO_ALLOCATOR.pending and plan.columns.device.type == "cpu":
+                AUTO_ALLOCATOR.consider(plan.g)
+        result = self._backend(plan, state, write_params=True)
         if result is None and not (self.route.writes_state or self.route.copies_for_pure_step):
-            updates, new_state = self.run(plan, state, donate=False)
-            result = torch._foreach_add(plan.p, updates), new_state
+            updates, new_state, buffers = self._execute(plan, state, donate=False, first=first)
+            result = torch._foreach_add(plan.p, updates), new_state, buffers
         if result is None:
             copies = plan._replace(
                 p=[x.clone() for x in plan.p],
                 buffers={k: (None if v is None else [x.clone() for x in v]) for k, v in plan.buffers.items()},
             )
-            result = self.run(copies, state, donate=True, new_containers=True)
-        out, new_state = result
+            result = self._execute(copies, state, donate=True, new_containers=True, first=first)
+        out, new_state, buffers = result
+        self._remember_pure(new_state, plan, grads, buffers, True, memo if first is False else None)
         return optree.tree_unflatten(plan.spec, out), new_state
 
     def returned(self, state: Any) -> bool:
@@ -381,49 +423,6 @@ class FastPath:
         if self._static_h is not None and type(self._static_h) is dict:
             self.memo = Memo.of(new_state, plan, params, out, self.layout(), self.learning_rate)
         return out, new_state, list(plan.counts.values()), plan.spec
-
-
-def _params_fit(params: PyTree, plan: Plan) -> bool:
-    """Whether params the kernel does not read still match the gradients in structure, shape and
-    dtype (else the reference path runs, whose input checks name the leaf)."""
-    p, spec = flatten(params)
-    return spec == plan.spec and list(map(_SHAPE, p)) == list(map(_SHAPE, plan.g)) and (
-        list(map(_DTYPE, p)) == list(map(_DTYPE, plan.g))
-    )
-
-
-def _scalar_ok(x: Any, device: torch.device) -> bool:
-    return (
-        type(x) is torch.Tensor
-        and x.dim() == 0
-        and x.device == device
-        and not x.requires_grad
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    )
-
-
-def _pick(column: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
-    return column if len(idx) == len(column) else [column[i] for i in idx]
-
-
-def _per_dtype_group(plan: Plan, step: Any) -> tuple[list[Any], dict[str, list[Any] | None]]:
-    """Runs ``step(g, p, buffers) -> (outputs, new buffers)`` on each dtype group of ``plan``
-    and returns the outputs and new buffers in leaf order."""
-    n = len(plan.g)
-    out: list[Any] = [None] * n
-    new_buffers: dict[str, list[Any] | None] = {k: (None if v is None else [None] * n) for k, v in plan.buffers.items()}
-    for idx in plan.columns.groups:
-        g = _pick(plan.g, idx)
-        p = _pick(plan.p, idx) if plan.p is not None else None
-        res, res_buffers = step(g, p, {k: (None if v is None else _pick(v, idx)) for k, v in plan.buffers.items()})
-        if len(idx) == n:  # one dtype group: the lists are already in leaf order
-            return list(res), res_buffers
-        for j, i in enumerate(idx):
-            out[i] = res[j]
-            for k, column in res_buffers.items():
-                if column is not None:
-                    new_buffers[k][i] = column[j]
-    return out, new_buffers
 
 
 def fast_path_of(tx: GradientTransformation) -> FastPath | None:

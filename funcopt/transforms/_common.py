@@ -1,7 +1,8 @@
 """Validation and scalar helpers shared by the building blocks (``funcopt.transforms``).
 
 Range checks for Python-number hyperparameters (tensors, as ``inject_hyperparams`` passes them,
-are not checked), the step count every stateful block keeps, and the float64 1-based step.
+are not checked), the step count every stateful block keeps, the float64 1-based step, and the
+search for one block's state inside an optimizer state.
 """
 
 from __future__ import annotations
@@ -108,3 +109,27 @@ def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Any) -> torch.Tensor:
 
 def _scalar_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _find_states(state: Any, state_type: type, *, nested: bool = False) -> list[Any]:
+    """Every ``state_type`` node of an optimizer state, outermost and first first.
+
+    Searches tuples (named ones included), lists and dict values. A found node is searched
+    further only with ``nested=True`` (wrappers whose inner state may hold another one).
+    """
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, state_type):
+            found.append(node)
+            if not nested:
+                return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                visit(child)
+
+    visit(state)
+    return found

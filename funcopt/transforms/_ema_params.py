@@ -14,7 +14,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, OptState, PyTree, check_state, stable_name
-from funcopt.transforms._common import _check_range, _lerp, init_count
+from funcopt.transforms._common import _check_range, _find_states, _lerp, init_count
 
 __all__ = ["EmaParamsState", "ema_params", "ema_params_of"]
 
@@ -86,21 +86,10 @@ def ema_params(inner: GradientTransformation, decay: float | torch.Tensor = 0.99
 def ema_params_of(state: Any) -> PyTree:
     """The parameter average of the (first) :func:`ema_params` state found in ``state``: the
     params to evaluate with (equal to the initial params before the first step)."""
-    found = _find(state)
-    if found is None:
+    found = _find_states(state, EmaParamsState)
+    if not found:
         raise FuncoptError(
             "ema_params_of: no ema_params state found. Wrap the optimizer: "
             "tx = funcopt.ema_params(funcopt.adam(1e-3), decay=0.999)."
         )
-    return found.ema
-
-
-def _find(node: Any) -> EmaParamsState | None:
-    if isinstance(node, EmaParamsState):
-        return node
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
-    for child in children:
-        found = _find(child)
-        if found is not None:
-            return found
-    return None
+    return found[0].ema

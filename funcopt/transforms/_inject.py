@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import first_device
+from funcopt.transforms._common import _find_states, first_device
 
 __all__ = [
     "InjectHyperparamsState",
@@ -129,21 +129,7 @@ def inject_hyperparams(
 
 def injected_states(state: Any) -> list[InjectHyperparamsState]:
     """Every :class:`InjectHyperparamsState` in an optimizer state, outermost first."""
-    found: list[InjectHyperparamsState] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, InjectHyperparamsState):
-            found.append(node)
-            visit(node.inner_state)
-        elif isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-
-    visit(state)
-    return found
+    return _find_states(state, InjectHyperparamsState, nested=True)
 
 
 def get_hyperparams(state: Any) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, OptState, PyTree, check_state, require_params, stable_name
-from funcopt.transforms._common import _check_range, first_device
+from funcopt.transforms._common import _check_range, _find_states, first_device
 
 __all__ = ["LookaheadParams", "LookaheadState", "lookahead", "lookahead_slow_params"]
 
@@ -143,23 +143,12 @@ def lookahead_slow_params(state: Any) -> PyTree:
     """The slow weights of the (first) :func:`lookahead` state found in ``state``, the weights to
     evaluate with. Only where they live in the state (plain params); with
     :class:`LookaheadParams` read ``params.slow``."""
-    found = _find(state)
-    if found is None:
+    found = [s for s in _find_states(state, LookaheadState) if s.slow is not None]
+    if not found:
         raise FuncoptError(
             "lookahead_slow_params: no lookahead state with slow weights found. Pass the state of a "
             "funcopt.lookahead(...) optimizer initialized with plain params (with LookaheadParams, "
             "read params.slow)."
         )
-    return found.slow
-
-
-def _find(node: Any) -> LookaheadState | None:
-    if isinstance(node, LookaheadState):
-        return node if node.slow is not None else None
-    children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
-    for child in children:
-        found = _find(child)
-        if found is not None:
-            return found
-    return None
+    return found[0].slow
 

@@ -23,6 +23,7 @@ from funcopt.base import (
 )
 from funcopt.transforms._common import (
     _check_range,
+    _find_states,
     _float_step,
     _lerp,
     _scalar_dtype,
@@ -134,23 +135,6 @@ def schedule_free(
     return GradientTransformation(init, update)
 
 
-def _find_schedule_free_states(state: Any) -> list[ScheduleFreeState]:
-    found: list[ScheduleFreeState] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, ScheduleFreeState):
-            found.append(node)
-        elif isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-
-    visit(state)
-    return found
-
-
 def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     """The params to evaluate a schedule-free model at, like ``optax.contrib.schedule_free_eval_params``.
 
@@ -160,7 +144,7 @@ def schedule_free_eval_params(state: Any, params: PyTree) -> PyTree:
     :class:`ScheduleFreeState` (e.g. inside ``inject_hyperparams`` or a chain). Pure: returns
     new tensors.
     """
-    found = _find_schedule_free_states(state)
+    found = _find_states(state, ScheduleFreeState)
     if len(found) != 1:
         what = "no ScheduleFreeState" if not found else f"{len(found)} ScheduleFreeStates"
         raise FuncoptError(

@@ -23,6 +23,7 @@ from funcopt.base import (
 )
 from funcopt.transforms._common import (
     _check_range,
+    _find_states,
     check_learning_rate,
     check_non_negative,
     first_device,
@@ -373,19 +374,7 @@ def asgd_averaged_params(state: Any) -> PyTree:
         >>> # ... training steps ...
         >>> eval_params = funcopt.asgd_averaged_params(state)
     """
-    found: list[ScaleByAsgdState] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, ScaleByAsgdState):
-            found.append(node)
-        elif isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-
-    visit(state)
+    found = _find_states(state, ScaleByAsgdState)
     if len(found) != 1:
         raise FuncoptError(
             f"asgd_averaged_params found {len(found)} ScaleByAsgdState entries in the state; pass the "

@@ -22,7 +22,7 @@ from funcopt.transforms._common import (
     init_count,
     is_python_zero,
     _lerp,
-    _scalar_dtype,
+    _scalar_state,
     check_beta,
     check_non_negative,
 )
@@ -185,7 +185,7 @@ def scale_by_nadam(
             count,
             _tree.zeros_like(params),
             _tree.zeros_like(params),
-            torch.ones((), dtype=_scalar_dtype(count), device=count.device),
+            _scalar_state(1.0, count),
         )
 
     def update(updates, state, params=None, **extra_args):

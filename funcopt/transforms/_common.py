@@ -111,6 +111,12 @@ def _scalar_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
+def _scalar_state(value: Any, count: torch.Tensor) -> torch.Tensor:
+    """A new 0-dim scalar of a block's state holding ``value``: float64 (float32 on MPS), on the
+    device of the state's ``count``."""
+    return torch.as_tensor(value, dtype=_scalar_dtype(count), device=count.device).clone()
+
+
 def _find_states(state: Any, state_type: type, *, nested: bool = False) -> list[Any]:
     """Every ``state_type`` node of an optimizer state, outermost and first first.
 

@@ -26,7 +26,7 @@ from funcopt.base import (
 from funcopt.transforms._common import (
     _check_range,
     _float_step,
-    _scalar_dtype,
+    _scalar_state,
     check_beta,
     check_learning_rate,
     check_non_negative,
@@ -34,10 +34,6 @@ from funcopt.transforms._common import (
 )
 
 __all__ = ["ScaleByProdigyState", "ScaleByDadaptAdamState", "scale_by_prodigy", "scale_by_dadapt_adam"]
-
-
-def _scalar(value, count: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=_scalar_dtype(count), device=count.device).clone()
 
 
 def _l1(tree: PyTree) -> torch.Tensor:
@@ -114,7 +110,7 @@ def scale_by_prodigy(
         zeros = _tree.zeros_like
         return ScaleByProdigyState(
             count, zeros(params), zeros(params), zeros(params), _tree.map(torch.clone, params),
-            _scalar(estim_lr0, count), _scalar(0.0, count),
+            _scalar_state(estim_lr0, count), _scalar_state(0.0, count),
         )
 
     def update(updates, state, params=None, **extra_args):
@@ -193,7 +189,7 @@ def scale_by_dadapt_adam(
         count = init_count(params)
         zeros = _tree.zeros_like
         return ScaleByDadaptAdamState(
-            count, zeros(params), zeros(params), zeros(params), _scalar(estim_lr0, count), _scalar(0.0, count)
+            count, zeros(params), zeros(params), zeros(params), _scalar_state(estim_lr0, count), _scalar_state(0.0, count)
         )
 
     def update(updates, state, params=None, **extra_args):

@@ -14,7 +14,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state, require_params, stable_name
-from funcopt.transforms._common import _check_range, _scalar_dtype, check_non_negative, init_count
+from funcopt.transforms._common import _check_range, _scalar_dtype, _scalar_state, check_non_negative, init_count
 
 __all__ = ["ScaleByDogState", "ScaleByDowgState", "scale_by_dog", "scale_by_dowg"]
 
@@ -61,15 +61,13 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
 
     def init(params):
         count = init_count(params)
-        dtype, device = _scalar_dtype(count), count.device
         if kind == "distance":
-            r = torch.as_tensor(value, dtype=dtype, device=device).clone()
+            r = _scalar_state(value, count)
         elif kind == "heuristic":
-            r = (value * (1 + _tree.norm(params))).to(dtype)
+            r = (value * (1 + _tree.norm(params))).to(_scalar_dtype(count))
         else:
-            r = torch.zeros((), dtype=dtype, device=device)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return ScaleByDogState(count, _tree.map(torch.clone, params), r, zero)
+            r = _scalar_state(0.0, count)
+        return ScaleByDogState(count, _tree.map(torch.clone, params), r, _scalar_state(0.0, count))
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByDogState, "scale_by_dog")
@@ -114,10 +112,8 @@ def scale_by_dowg(init_estim_sq_dist: float | None = None, eps: float = 1e-4) ->
 
     def init(params):
         count = init_count(params)
-        dtype, device = _scalar_dtype(count), count.device
-        zero = torch.zeros((), dtype=dtype, device=device)
-        r2 = torch.as_tensor(start, dtype=dtype, device=device).clone()
-        return ScaleByDowgState(count, _tree.map(torch.clone, params), zero, r2)
+        init_params = _tree.map(torch.clone, params)
+        return ScaleByDowgState(count, init_params, _scalar_state(0.0, count), _scalar_state(start, count))
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByDowgState, "scale_by_dowg")

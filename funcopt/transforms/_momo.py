@@ -21,7 +21,7 @@ from funcopt.base import (
     require_params,
     stable_name,
 )
-from funcopt.transforms._common import _check_range, _scalar_dtype, check_beta, check_learning_rate, init_count
+from funcopt.transforms._common import _check_range, _scalar_state, check_beta, check_learning_rate, init_count
 
 __all__ = ["ScaleByMomoState", "scale_by_momo"]
 
@@ -83,10 +83,8 @@ def scale_by_momo(
 
     def init(params):
         count = init_count(params)
-        dtype, device = _scalar_dtype(count), count.device
-        zero = torch.zeros((), dtype=dtype, device=device)
-        lb = torch.as_tensor(lower_bound, dtype=dtype, device=device).clone()
-        return ScaleByMomoState(count, _tree.zeros_like(params), zero, zero.clone(), lb)
+        barf, gamma, lb = _scalar_state(0.0, count), _scalar_state(0.0, count), _scalar_state(lower_bound, count)
+        return ScaleByMomoState(count, _tree.zeros_like(params), barf, gamma, lb)
 
     def update(updates, state, params=None, *, value=None, **extra_args):
         check_state(state, ScaleByMomoState, "scale_by_momo")

@@ -26,7 +26,7 @@ from funcopt.transforms._common import (
     _find_states,
     _float_step,
     _lerp,
-    _scalar_dtype,
+    _scalar_state,
     check_beta,
     check_learning_rate,
     check_non_negative,
@@ -100,13 +100,11 @@ def schedule_free(
 
     def init(params):
         count = init_count(params)
-        dtype, device = _scalar_dtype(count), count.device
-        zero = torch.zeros((), dtype=dtype, device=device)
         return ScheduleFreeState(
             count=count,
-            b1=torch.as_tensor(b1, dtype=dtype, device=device).clone(),
-            weight_sum=zero,
-            max_lr=zero.clone(),
+            b1=_scalar_state(b1, count),
+            weight_sum=_scalar_state(0.0, count),
+            max_lr=_scalar_state(0.0, count),
             base_optimizer_state=base_optimizer.init(params),
             z=_tree.map(torch.clone, params),
         )

@@ -30,7 +30,8 @@ End to end (``--e2e``): forward + backward + step on small models, the rows inte
 same way, ratio to ``torch.optim.Adam(fused=True)`` with ``zero_grad``/``backward``/``step``:
 the S3 MLP (4-1024-1024-3, batch 64), the digits MLP of ``examples/train_step_donation.py``
 (64-256-256-10, batch 64) and the quickstart's (64-128-10, batch 64; its loop is
-``grad_and_value`` + ``update`` + ``apply_updates``). ``--checks`` times the input checks of
+``grad_and_value`` + ``update`` + ``apply_updates``, with ``torch.func``'s and with
+``funcopt.grad_and_value``). ``--checks`` times the input checks of
 ``update`` (``funcopt.base.check_update_inputs``) as a ratio to the same update without them.
 
 Run:
@@ -309,17 +310,20 @@ def e2e_rows(sizes: tuple[int, ...], batch: int) -> list[Row]:
             box["p"], box["s"], _ = step_fn(box["p"], box["s"], x, y)
 
         rows.append(Row(label, step))
-    tx = funcopt.adam(1e-3)
-    box = {"p": funcopt.nn.extract(build())[0]}
-    box["s"] = tx.init(box["p"])
-    grad_and_loss = torch.func.grad_and_value(loss_fn)
+    grad_fns = {"torch.func": torch.func.grad_and_value(loss_fn)}
+    if hasattr(funcopt, "grad_and_value"):  # (absent before 0.2: the bench runs on older trees too)
+        grad_fns["funcopt"] = funcopt.grad_and_value(loss_fn)
+    for which, grad_and_loss in grad_fns.items():
+        tx = funcopt.adam(1e-3)
+        box = {"p": funcopt.nn.extract(build())[0]}
+        box["s"] = tx.init(box["p"])
 
-    def quickstart_step():
-        grads, _ = grad_and_loss(box["p"], x, y)
-        updates, box["s"] = tx.update(grads, box["s"], box["p"])
-        box["p"] = funcopt.apply_updates(box["p"], updates)
+        def quickstart_step(tx=tx, box=box, grad_and_loss=grad_and_loss):
+            grads, _ = grad_and_loss(box["p"], x, y)
+            updates, box["s"] = tx.update(grads, box["s"], box["p"])
+            box["p"] = funcopt.apply_updates(box["p"], updates)
 
-    rows.append(Row("quickstart loop (grad_and_value + update + apply_updates)", quickstart_step))
+        rows.append(Row(f"quickstart loop ({which}.grad_and_value + update + apply_updates)", quickstart_step))
     return rows
 
 

@@ -90,6 +90,7 @@ from funcopt.interop import FuncoptOptimizer as FuncoptOptimizer
 from funcopt.fast import apply_gradients as apply_gradients
 from funcopt.fast import DonatedValueError as DonatedValueError
 from funcopt.fast import make_step as make_step
+from funcopt.fast import grad_and_value as grad_and_value
 from funcopt.transforms import add_decayed_weights as add_decayed_weights
 from funcopt.transforms import clip as clip
 from funcopt.transforms import clip_by_global_norm as clip_by_global_norm

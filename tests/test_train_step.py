@@ -346,3 +346,39 @@ def test_pure_apply_gradients_runs_the_kernels_on_copies(name, dtype):
         assert_trees_close((new_p, new_s), (funcopt.apply_updates(params, u), s_ref), **tol)
         assert tree.structure(new_s) == tree.structure(s_ref)
         params, state = new_p, new_s
+
+
+def test_grad_and_value_equals_torch_func_inside_and_outside_transforms():
+    """funcopt.grad_and_value runs autograd where it can and torch.func elsewhere: the same
+    gradients and values as torch.func.grad_and_value in every case."""
+    _, params, loss_fn, (X, Y) = mlp_problem(torch.float64)
+
+    def with_aux(p, x, y):
+        loss = loss_fn(p, x, y)
+        return loss, {"twice": 2 * loss}
+
+    cases = [
+        (funcopt.grad_and_value(loss_fn), torch.func.grad_and_value(loss_fn), params),
+        (funcopt.grad_and_value(with_aux, has_aux=True), torch.func.grad_and_value(with_aux, has_aux=True), params),
+        # params requiring grad: the torch.func route
+        (funcopt.grad_and_value(loss_fn), torch.func.grad_and_value(loss_fn), tree.map(lambda t: t.clone().requires_grad_(), params)),
+    ]
+    for i, (ours, theirs, p) in enumerate(cases):
+        got, expected = ours(p, X, Y), theirs(p, X, Y)
+        assert_trees_close(got, expected, rtol=1e-13, atol=1e-15)
+        assert [t.requires_grad for t in tree.leaves(got)] == [t.requires_grad for t in tree.leaves(expected)]
+        assert i == 2 or not any(t.requires_grad for t in tree.leaves(got))
+    # under vmap (an ensemble of two): torch.func's own route
+    stacked = tree.map(lambda t: torch.stack([t, 1.5 * t]), params)
+    got = torch.func.vmap(funcopt.grad_and_value(loss_fn), in_dims=(0, None, None))(stacked, X, Y)
+    expected = torch.func.vmap(torch.func.grad_and_value(loss_fn), in_dims=(0, None, None))(stacked, X, Y)
+    assert_trees_close(got, expected, rtol=1e-13, atol=1e-15)
+    # finite differences on one coordinate (an independent oracle)
+    grads, value = funcopt.grad_and_value(loss_fn)(params, X, Y)
+    k = next(iter(params))
+    bumped = dict(params, **{k: params[k].clone()})
+    bumped[k].view(-1)[0] += 1e-6
+    fd = (loss_fn(bumped, X, Y) - value) / 1e-6
+    assert abs(float(fd) - float(grads[k].view(-1)[0])) < 1e-5
+    with pytest.raises(TypeError, match="callable"):
+        funcopt.grad_and_value(3)

@@ -33,7 +33,7 @@ from funcopt.fast._control import (
 from funcopt.fast._explain import Route, explain, fast_path_applies
 from funcopt.fast._plan import KernelCall
 from funcopt.fast._route import FastRoute, declare, fast_path_of
-from funcopt.fast._step import DonatedValueError, apply_gradients, is_donated, make_step
+from funcopt.fast._step import DonatedValueError, apply_gradients, grad_and_value, is_donated, make_step
 
 # Optional backends: each registers itself on import. Removing a backend's folder and its line
 # here leaves every route working on the declarations' own (torch) kernels.
@@ -58,4 +58,5 @@ __all__ = [
     "apply_gradients",
     "is_donated",
     "make_step",
+    "grad_and_value",
 ]

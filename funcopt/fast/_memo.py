@@ -256,6 +256,8 @@ class PureMemo(NamedTuple):
         else:
             lr = old.lr
         counts = {i: state[i].count for i in layout.counted}
+        if any([c.dim() for c in counts.values()]):  # a count emptied by a donated step since
+            return None
         scalars = {name: state[i][k] for name, (i, k) in layout.scalars.items()} if layout.scalars else {}
         return Plan(old.h, lr, old.spec, old.columns, p if self.needs_params else None, g, old.buffers, counts, scalars)
 

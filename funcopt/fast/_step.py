@@ -46,7 +46,7 @@ from funcopt.fast._route import fast_path_of
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, OptState, PyTree, apply_updates
 
-__all__ = ["DonatedValueError", "apply_gradients", "make_step", "is_donated"]
+__all__ = ["DonatedValueError", "apply_gradients", "make_step", "is_donated", "grad_and_value"]
 
 _MARK = "_funcopt_donated"
 
@@ -234,6 +234,33 @@ def _autograd_grad_and_value(
     return optree.tree_unflatten(spec, grads), loss.detach()
 
 
+def grad_and_value(fn: Callable[..., Any], *, has_aux: bool = False) -> Callable[..., tuple[PyTree, Any]]:
+    """``torch.func.grad_and_value(fn, has_aux=has_aux)`` with less per-call overhead.
+
+    Returns ``g(params, *args, **kwargs) -> (grads, value)`` (``(grads, (value, aux))`` with
+    ``has_aux``), the gradient taken with respect to ``params``, the first argument. Outside
+    ``torch.func`` transforms and ``torch.compile``, for params that are floating-point
+    tensors not requiring grad, it runs ``fn`` under ``torch.autograd`` (one backward, no
+    functorch wrapping of every op: about 0.25-0.3 ms less per call on the digits MLP
+    64-256-256-10, a third of its forward + backward); elsewhere it calls
+    ``torch.func.grad_and_value`` itself, so it composes with ``vmap`` and nested ``grad``.
+    The same numbers either way; the value is detached.
+
+    Example:
+        >>> grad_and_loss = funcopt.grad_and_value(loss_fn)
+        >>> grads, loss = grad_and_loss(params, x, y)
+    """
+    if not callable(fn):
+        raise TypeError(f"grad_and_value expects a callable, got {type(fn).__name__}.")
+    functorch = torch.func.grad_and_value(fn, has_aux=has_aux)
+
+    def grad_and_value_fn(params: PyTree, *args: Any, **kwargs: Any) -> tuple[PyTree, Any]:
+        result = _autograd_grad_and_value(fn, has_aux, params, args, kwargs)
+        return result if result is not None else functorch(params, *args, **kwargs)
+
+    return grad_and_value_fn
+
+
 def make_step(
     loss_fn: Callable[..., Any],
     tx: GradientTransformation,
@@ -243,10 +270,9 @@ def make_step(
 ) -> Callable[..., tuple[Any, ...]]:
     """Builds ``step(params, opt_state, *args, **kwargs) -> (params, opt_state, loss)``.
 
-    The step computes ``loss, grads`` as ``torch.func.grad_and_value(loss_fn)(params, *args,
-    **kwargs)`` does (with ``torch.autograd`` where no transform is active, which has less
-    per-call overhead), then calls :func:`apply_gradients` (passing ``value=loss`` to
-    ``tx.update``).
+    The step computes ``grads, loss`` with :func:`grad_and_value` (``torch.func.grad_and_value``'s
+    numbers with less per-call overhead), then calls :func:`apply_gradients` (passing
+    ``value=loss`` to ``tx.update``).
     It is the functional ``optimizer.zero_grad(); loss.backward(); optimizer.step()``.
 
     Args:
@@ -279,14 +305,13 @@ def make_step(
             f"make_step expects a GradientTransformation as tx, got {type(tx).__name__}. "
             "Pass an optimizer such as funcopt.adam(1e-3) (note the call)."
         )
-    grad_fn = torch.func.grad_and_value(loss_fn, has_aux=has_aux)
+    grad_fn = grad_and_value(loss_fn, has_aux=has_aux)
     fast = fast_path_of(tx)
 
     def step(params: PyTree, opt_state: OptState, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
         if donate and (fast is None or not fast.returned(opt_state)):
             _check_not_donated(opt_state, "opt_state")  # fail before computing the loss
-        grads_value = _autograd_grad_and_value(loss_fn, has_aux, params, args, kwargs)
-        grads, value = grads_value if grads_value is not None else grad_fn(params, *args, **kwargs)
+        grads, value = grad_fn(params, *args, **kwargs)
         loss, aux = value if has_aux else (value, None)
         new_params, new_state = apply_gradients(tx, grads, opt_state, params, donate=donate, value=loss)
         if has_aux:

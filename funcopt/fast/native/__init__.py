@@ -47,6 +47,7 @@ import torch
 from funcopt.base import register_tree_adder
 from funcopt.fast._backends import Backend, register_backend
 from funcopt.fast._plan import Plan
+from funcopt.fast.native import _library
 from funcopt.fast.native._library import (
     MIN_ELEMENTS,
     adam,
@@ -99,10 +100,13 @@ BACKEND = Backend("native", {"adam": _adam_kernel, "sgd": _sgd_kernel}, _reason)
 
 def _tree_add(p: list[torch.Tensor], u: list[torch.Tensor]) -> list[torch.Tensor] | None:
     """``apply_updates``'s adder for large float32/float64 CPU trees of one dtype (bitwise the
-    same sums as ``torch._foreach_add``), None elsewhere."""
+    same sums as ``torch._foreach_add``), None elsewhere. Only from 32x ``MIN_ELEMENTS`` (2M
+    elements): below that torch's add is as fast or faster (measured, 2 threads: 46 vs 33 us at
+    70K elements, equal at 1.1M), the one-pass streaming add pays off on trees past the cache."""
     if (
         p[0].dtype in _DTYPES
         and usable(p)  # first: it rejects small trees cheaply
+        and sum(map(torch.Tensor.numel, p)) >= _library.MIN_ELEMENTS << 5
         and len(set(t.dtype for t in p)) == 1
         and set(map(torch.Tensor.get_device, p)) == {-1}
         and all(map(torch.Tensor.is_contiguous, p))

@@ -177,11 +177,11 @@ def why_not(tensors: list[torch.Tensor]) -> str | None:
 def _call(fn_name: str, dtype: torch.dtype, columns: list[list[torch.Tensor] | None], args: Any) -> None:
     """Runs one kernel over aligned columns (None for an unused array); ``args`` is a
     ``ctypes.byref`` of the kernel's argument struct."""
-    n = len(next(c for c in columns if c is not None))
-    ptrs: list[int] = []
-    for k in range(n):
-        ptrs.extend(0 if c is None else c[k].data_ptr() for c in columns)
-    sizes = [t.numel() for t in next(c for c in columns if c is not None)]
+    first = next(c for c in columns if c is not None)
+    n = len(first)
+    rows = zip(*[[0] * n if c is None else map(torch.Tensor.data_ptr, c) for c in columns])
+    ptrs = [x for row in rows for x in row]  # tensor-major: every array of tensor 0, then of tensor 1...
+    sizes = list(map(torch.Tensor.numel, first))
     threads = torch.get_num_threads() if sum(sizes) >= _PARALLEL_ELEMENTS else 1
     lib = _LIBRARY.lib or _LIBRARY.get()  # (the self-test sets .lib before get() returns)
     if lib is None:

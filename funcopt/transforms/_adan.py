@@ -11,7 +11,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._common import _lerp, check_beta, check_non_negative
+from funcopt.transforms._moments import _bias_corrections, _ema, _zeros_state
 
 __all__ = ["ScaleByAdanState", "scale_by_adan"]
 
@@ -45,26 +46,24 @@ def scale_by_adan(
     check_non_negative("eps_root", eps_root)
 
     def init(params):
-        z = _tree.zeros_like
-        return ScaleByAdanState(init_count(params), z(params), z(params), z(params), z(params))
+        return _zeros_state(ScaleByAdanState, params, 4)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdanState, "scale_by_adan")
         first = state.count == 0
-        step = _float_step(state.count)
         diff = _tree.map(
             lambda g, prev: torch.where(first, torch.zeros_like(g), g - prev),
             updates, state.prev_grad, names=("updates", "prev_grad"),
         )
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates)
-        diff_ema = _tree.map(lambda v, d: _lerp(v, d, 1 - b2), state.diff_ema, diff)
+        mu = _ema(state.mu, updates, b1)
+        diff_ema = _ema(state.diff_ema, diff, b2)
 
         def second(n, g, d):
             s = g + (1 - b2) * d
             return _lerp(n, s * s, 1 - b3)
 
         nu = _tree.map(second, state.nu, updates, diff)
-        bc1, bc2, bc3 = 1 - b1**step, 1 - b2**step, 1 - b3**step
+        bc1, bc2, bc3 = _bias_corrections(state.count, b1, b2, b3)
 
         def direction(m, v, n):
             return (m / bc1 + (1 - b2) * (v / bc2)) / (torch.sqrt(n / bc3 + eps_root) + eps)

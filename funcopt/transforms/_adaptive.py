@@ -26,6 +26,14 @@ from funcopt.transforms._common import (
     check_beta,
     check_non_negative,
 )
+from funcopt.transforms._moments import (
+    _bias_corrections,
+    _check_moment_args,
+    _ema,
+    _ema_of_squares,
+    _moments,
+    _zeros_state,
+)
 
 __all__ = [
     "ScaleByAdamState",
@@ -63,18 +71,7 @@ class ScaleByAdamState(NamedTuple):
 
 
 def _adam_init(params: PyTree, amsgrad: bool = False) -> ScaleByAdamState:
-    return ScaleByAdamState(
-        count=init_count(params),
-        mu=_tree.zeros_like(params),
-        nu=_tree.zeros_like(params),
-        nu_max=_tree.zeros_like(params) if amsgrad else (),
-    )
-
-
-def _moments(updates, state, b1, b2):
-    mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
-    nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
-    return mu, nu
+    return _zeros_state(ScaleByAdamState, params, 2, _tree.zeros_like(params) if amsgrad else ())
 
 
 def scale_by_adam(
@@ -93,20 +90,15 @@ def scale_by_adam(
     eps`` (optax's form, which keeps gradients through the step finite). With ``amsgrad=True``
     the running maximum of ``v`` is used (Reddi et al., 2018), as torch does.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
 
     def init(params):
         return _adam_init(params, amsgrad)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdamState, "scale_by_adam")
-        step = _float_step(state.count)
         mu, nu = _moments(updates, state, b1, b2)
-        bc1 = 1 - b1**step
-        bc2 = 1 - b2**step
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
         nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else ()
         second = nu_max if amsgrad else nu
         if is_python_zero(eps_root):
@@ -137,19 +129,16 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
 
     ``u = max(b2 * u, |g| + eps)``; returns ``m / (1 - b1**t) / u``.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
+    _check_moment_args(b1, b2, eps)
 
     def init(params):
-        return ScaleByAdamaxState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params))
+        return _zeros_state(ScaleByAdamaxState, params, 2)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdamaxState, "scale_by_adamax")
-        step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
         nu = _tree.map(lambda u, g: torch.maximum(u * b2, torch.abs(g) + eps), state.nu, updates)
-        bc1 = 1 - b1**step
+        (bc1,) = _bias_corrections(state.count, b1)
         direction = _tree.map(lambda m, u: (m / bc1) / u, mu, nu)
         return direction, ScaleByAdamaxState(state.count + 1, mu, nu)
 
@@ -174,9 +163,7 @@ def scale_by_nadam(
 
     Uses torch's momentum schedule ``mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))``.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
+    _check_moment_args(b1, b2, eps)
     check_non_negative("momentum_decay", momentum_decay)
 
     def init(params):
@@ -218,9 +205,7 @@ def scale_by_radam(
     While the variance estimate is unreliable (``rho_t <= threshold``) the update is the
     bias-corrected momentum alone; afterwards it is rectified Adam.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
+    _check_moment_args(b1, b2, eps)
 
     def init(params):
         return _adam_init(params)
@@ -265,12 +250,12 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     check_beta("b2", b2)
 
     def init(params):
-        return ScaleByLionState(init_count(params), _tree.zeros_like(params))
+        return _zeros_state(ScaleByLionState, params, 1)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByLionState, "scale_by_lion")
         direction = _tree.map(lambda m, g: torch.sign(_lerp(m, g, 1 - b1)), state.mu, updates)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b2), state.mu, updates)
+        mu = _ema(state.mu, updates, b2)
         return direction, ScaleByLionState(state.count + 1, mu)
 
     return GradientTransformation(init, update)
@@ -301,9 +286,9 @@ def scale_by_rms(
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByRmsState, "scale_by_rms")
-        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - decay), state.nu, updates, names=("nu", "updates"))
+        nu = _ema_of_squares(state.nu, updates, decay, names=("nu", "updates"))
         if centered:
-            mu = _tree.map(lambda m, g: _lerp(m, g, 1 - decay), state.mu, updates)
+            mu = _ema(state.mu, updates, decay)
             out = _tree.map(lambda g, v, m: g / (torch.sqrt(v - m * m) + eps), updates, nu, mu)
         else:
             mu = ()

@@ -12,7 +12,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, check_state, stable_name
-from funcopt.transforms._common import _check_range, _float_step, _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._common import _check_range, check_beta
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _ema_of_squares, _zeros_state
 
 __all__ = ["ScaleByAdemamixState", "scale_by_ademamix"]
 
@@ -46,28 +47,23 @@ def scale_by_ademamix(
     References: Pagliardini et al., "The AdEMAMix Optimizer: Better, Faster, Older", 2024,
     arXiv 2409.03137.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
+    _check_moment_args(b1, b2, eps, eps_root)
     if not callable(b3):
         check_beta("b3", b3)
     if not callable(alpha):
         _check_range("alpha", alpha)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
 
     def init(params):
-        zeros = _tree.zeros_like
-        return ScaleByAdemamixState(init_count(params), zeros(params), zeros(params), zeros(params))
+        return _zeros_state(ScaleByAdemamixState, params, 3)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdemamixState, "scale_by_ademamix")
         c_b3 = b3(state.count) if callable(b3) else b3
         c_alpha = alpha(state.count) if callable(alpha) else alpha
-        m1 = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.m1, updates, names=("m1", "updates"))
-        m2 = _tree.map(lambda m, g: _lerp(m, g, 1 - c_b3), state.m2, updates)
-        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates)
-        step = _float_step(state.count)
-        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        m1 = _ema(state.m1, updates, b1, names=("m1", "updates"))
+        m2 = _ema(state.m2, updates, c_b3)
+        nu = _ema_of_squares(state.nu, updates, b2)
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
         direction = _tree.map(
             lambda a, b, v: ((a / bc1 + c_alpha * b) / (torch.sqrt(v / bc2 + eps_root) + eps)).to(a.dtype), m1, m2, nu
         )

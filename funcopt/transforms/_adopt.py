@@ -12,7 +12,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._common import _lerp
+from funcopt.transforms._moments import _check_moment_args, _zeros_state
 
 __all__ = ["ScaleByAdoptState", "scale_by_adopt"]
 
@@ -53,13 +54,11 @@ def scale_by_adopt(
     References: Taniguchi et al., "ADOPT: Modified Adam Can Converge with Any beta2 with the
     Optimal Rate", NeurIPS 2024, arXiv 2411.02853.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
+    _check_moment_args(b1, b2, eps)
     clip_fn = _default_clip_value if clip_value_fn is None else clip_value_fn
 
     def init(params):
-        return ScaleByAdoptState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params))
+        return _zeros_state(ScaleByAdoptState, params, 2)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdoptState, "scale_by_adopt")

@@ -11,7 +11,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._common import _lerp
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _zeros_state
 
 __all__ = ["ScaleByBeliefState", "scale_by_belief"]
 
@@ -41,27 +42,23 @@ def scale_by_belief(
     returns ``mu_hat / (sqrt(nu / (1 - b2**t)) + eps)`` with ``mu_hat = mu / (1 - b1**t)``, or
     with ``nesterov=True`` ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
 
     def init(params):
-        return ScaleByBeliefState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params))
+        return _zeros_state(ScaleByBeliefState, params, 2)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByBeliefState, "scale_by_belief")
-        step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
 
         def second(v, g, m):
             d = g - m
             return _lerp(v, d * d, 1 - b2) + eps_root
 
         nu = _tree.map(second, state.nu, updates, mu, names=("nu", "updates", "mu"))
-        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
         if nesterov:
-            bc1_next = 1 - b1 ** (step + 1)
+            (bc1_next,) = _bias_corrections(state.count + 1, b1)
             mu_hat = _tree.map(lambda m, g: b1 * (m / bc1_next) + (1 - b1) * (g / bc1), mu, updates)
         else:
             mu_hat = _tree.map(lambda m: m / bc1, mu)

@@ -11,7 +11,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, check_state, require_params, stable_name
-from funcopt.transforms._common import _lerp, check_beta, check_non_negative, init_count, is_python_zero
+from funcopt.transforms._common import _lerp, check_non_negative, init_count, is_python_zero
+from funcopt.transforms._moments import _check_moment_args
 
 __all__ = ["ScaleByNovogradState", "scale_by_novograd"]
 
@@ -42,10 +43,7 @@ def scale_by_novograd(
     ``a = g / (sqrt(nu + eps_root) + eps) + weight_decay * p``; ``mu = a`` at the first step,
     then ``b1 * mu + a``; returns ``mu``. Needs the params when ``weight_decay`` is non-zero.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
     check_non_negative("weight_decay", weight_decay)
     decays = not is_python_zero(weight_decay)
 

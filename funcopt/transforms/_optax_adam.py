@@ -14,8 +14,9 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._adaptive import ScaleByAdamState
-from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._adaptive import ScaleByAdamState, _adam_init
+from funcopt.transforms._common import init_count
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _moments, _zeros_state
 
 __all__ = [
     "ScaleByAmsgradState",
@@ -54,22 +55,17 @@ def scale_by_amsgrad(
     ``(mu / (1 - b1**t)) / (sqrt(nu_max + eps_root) + eps)``. The ``bias_correction_*`` flags
     switch either correction off.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
 
     def init(params):
-        zeros = _tree.zeros_like
-        return ScaleByAmsgradState(init_count(params), zeros(params), zeros(params), zeros(params))
+        return _zeros_state(ScaleByAmsgradState, params, 3)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAmsgradState, "scale_by_amsgrad")
-        step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
-        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
-        bc1 = 1 - b1**step if bias_correction_mu else 1.0
-        bc2 = 1 - b2**step if bias_correction_nu else 1.0
+        mu, nu = _moments(updates, state, b1, b2)
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
+        bc1 = bc1 if bias_correction_mu else 1.0
+        bc2 = bc2 if bias_correction_nu else 1.0
         # (a 0-dim leaf divided by the 0-dim float64 correction would become float64: keep its dtype)
         nu_max = _tree.map(lambda vm, v: torch.maximum(vm, (v / bc2).to(vm.dtype)), state.nu_max, nu)
         out = _tree.map(lambda m, vm: (m / bc1) / (torch.sqrt(vm + eps_root) + eps), mu, nu_max)
@@ -88,20 +84,16 @@ def scale_by_nesterov_adam(
     returns it over ``sqrt(nu / (1 - b2**t) + eps_root) + eps``. (``torch.optim.NAdam``, i.e.
     :func:`scale_by_nadam`, uses a momentum-decay schedule instead.) State: ``ScaleByAdamState``.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
 
     def init(params):
-        return ScaleByAdamState(init_count(params), _tree.zeros_like(params), _tree.zeros_like(params), ())
+        return _adam_init(params)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByAdamState, "scale_by_nesterov_adam")
-        step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
-        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - b2), state.nu, updates, names=("nu", "updates"))
-        bc1, bc1_next, bc2 = 1 - b1**step, 1 - b1 ** (step + 1), 1 - b2**step
+        mu, nu = _moments(updates, state, b1, b2)
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
+        (bc1_next,) = _bias_corrections(state.count + 1, b1)
 
         def direction(m, v, g):
             m_hat = b1 * (m / bc1_next) + (1 - b1) * (g / bc1)
@@ -136,10 +128,7 @@ def scale_by_yogi(
     ``nu = nu - (1 - b2) * sign(nu - g**2) * g**2``; returns
     ``(mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t) + eps_root) + eps)``.
     """
-    check_beta("b1", b1)
-    check_beta("b2", b2)
-    check_non_negative("eps", eps)
-    check_non_negative("eps_root", eps_root)
+    _check_moment_args(b1, b2, eps, eps_root)
 
     def init(params):
         full = _tree.full_like(params, initial_accumulator_value)
@@ -147,15 +136,14 @@ def scale_by_yogi(
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByYogiState, "scale_by_yogi")
-        step = _float_step(state.count)
-        mu = _tree.map(lambda m, g: _lerp(m, g, 1 - b1), state.mu, updates, names=("mu", "updates"))
+        mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
 
         def second(v, g):
             g2 = g * g
             return v - (1 - b2) * torch.sign(v - g2) * g2
 
         nu = _tree.map(second, state.nu, updates)
-        bc1, bc2 = 1 - b1**step, 1 - b2**step
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
         out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, nu)
         return out, ScaleByYogiState(state.count + 1, mu, nu)
 

@@ -24,14 +24,13 @@ from funcopt.base import (
 from funcopt.transforms._common import (
     _check_range,
     _find_states,
-    _float_step,
-    _lerp,
     _scalar_state,
     check_beta,
     check_learning_rate,
     check_non_negative,
     init_count,
 )
+from funcopt.transforms._moments import _bias_corrections, _ema_of_squares, _zeros_state
 
 __all__ = [
     "ScheduleFreeState",
@@ -176,12 +175,12 @@ def scale_by_bias_corrected_rms(decay: float = 0.999, eps: float = 1e-8) -> Grad
     check_non_negative("eps", eps)
 
     def init(params):
-        return ScaleByBiasCorrectedRmsState(init_count(params), _tree.zeros_like(params))
+        return _zeros_state(ScaleByBiasCorrectedRmsState, params, 1)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByBiasCorrectedRmsState, "scale_by_bias_corrected_rms")
-        bc = 1 - decay ** _float_step(state.count)
-        nu = _tree.map(lambda v, g: _lerp(v, g * g, 1 - decay), state.nu, updates, names=("nu", "updates"))
+        (bc,) = _bias_corrections(state.count, decay)
+        nu = _ema_of_squares(state.nu, updates, decay, names=("nu", "updates"))
         out = _tree.map(lambda g, v: g / (torch.sqrt(v / bc.to(v.dtype)) + eps), updates, nu)
         return out, ScaleByBiasCorrectedRmsState(state.count + 1, nu)
 

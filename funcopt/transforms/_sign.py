@@ -11,7 +11,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import EmptyState, GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _float_step, _lerp, check_beta, init_count
+from funcopt.transforms._common import check_beta
+from funcopt.transforms._moments import _bias_corrections, _ema, _zeros_state
 
 __all__ = ["EmaState", "ema", "scale_by_sign"]
 
@@ -46,13 +47,13 @@ def ema(decay: float, debias: bool = True) -> GradientTransformation:
     check_beta("decay", decay)
 
     def init(params):
-        return EmaState(init_count(params), _tree.zeros_like(params))
+        return _zeros_state(EmaState, params, 1)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, EmaState, "ema")
-        new = _tree.map(lambda e, u: _lerp(e, u, 1 - decay), state.ema, updates, names=("ema", "updates"))
+        new = _ema(state.ema, updates, decay, names=("ema", "updates"))
         if debias:
-            bc = 1 - decay ** _float_step(state.count)
+            (bc,) = _bias_corrections(state.count, decay)
             out = _tree.map(lambda e: e / bc, new)
         else:
             out = new

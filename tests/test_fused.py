@@ -350,3 +350,31 @@ def test_a_medium_pure_cpu_step_sets_glibcs_own_dynamic_thresholds_silently():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[1] == "None"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bias_corrections_as_device_tensors_match_the_float_path(monkeypatch, dtype):
+    """On CUDA the optax-family kernels compute their bias corrections as 0-dim tensors (no
+    device read per step); forced here on the CPU, they give the float path's numbers."""
+    from funcopt.optimizers import _optax_adam
+
+    factories = {
+        "adabelief_nesterov": lambda: funcopt.adabelief(1e-2, nesterov=True),
+        "amsgrad": lambda: funcopt.amsgrad(1e-2),
+        "adamaxw": lambda: funcopt.adamaxw(1e-2, weight_decay=0.1),
+        "nadamw": lambda: funcopt.nadamw(1e-2),
+        "yogi": lambda: funcopt.yogi(1e-2),
+        "adan": lambda: funcopt.adan(1e-2, weight_decay=0.05),
+        "optimistic_adam_v2": lambda: funcopt.optimistic_adam_v2(1e-2),
+        "optimistic_adam_v2_plain": lambda: funcopt.optimistic_adam_v2(1e-2, nesterov=False),
+    }
+    params = nested_params(dtype)
+    for name, make in factories.items():
+        floats = _run(make(), params, 4, fast=True)
+        with monkeypatch.context() as m:
+            m.setattr(_optax_adam, "SCALAR_STEP_DEVICES", set())
+            tensors = _run(make(), params, 4, fast=True)
+            reference = _run(make(), params, 4, fast=False)
+        tol = 2e-6 if dtype == torch.float32 else 1e-14
+        assert_trees_close(tensors, floats, rtol=tol, atol=tol)
+        assert_trees_close(tensors, reference, rtol=10 * tol, atol=10 * tol)

@@ -7,6 +7,7 @@ import torch
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
 from funcopt.optimizers._common import Mask, build, finish
+from funcopt.optimizers._optax_adam import bias_corrections
 from funcopt.transforms import add_decayed_weights, is_python_zero, scale_by_adan, scale_by_learning_rate
 
 __all__ = ["adan"]
@@ -30,8 +31,7 @@ def _adan_kernel(call: KernelCall) -> list[torch.Tensor]:
         v = bufs["diff_ema"] = torch._foreach_lerp(bufs["diff_ema"], diff, 1 - b2)
         n = bufs["nu"] = torch._foreach_lerp(bufs["nu"], sq, 1 - b3)
         bufs["prev_grad"] = [x.clone() for x in g]
-    step = float(call.step)
-    bc1, bc2, bc3 = 1 - b1**step, 1 - b2**step, 1 - b3**step
+    bc1, bc2, bc3 = bias_corrections(call, b1, b2, b3)
     num = torch._foreach_div(mu, bc1)
     v_hat = diff  # scratch
     torch._foreach_copy_(v_hat, v)

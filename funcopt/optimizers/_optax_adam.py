@@ -7,6 +7,8 @@ optax's to float64 rounding (tests/test_optax_parity.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
@@ -40,14 +42,24 @@ def _ema_(call: KernelCall, name: str, x: list[torch.Tensor], weight: float) -> 
     return new
 
 
-def _bias_corrections(call: KernelCall, *betas: float) -> list[float]:
-    step = float(call.step)
-    return [1 - b**step for b in betas]
+SCALAR_STEP_DEVICES = {"cpu"}  # devices whose step count the kernels read as a Python float
 
 
-def _nesterov_numerator(call: KernelCall, mu: list[torch.Tensor], g: list[torch.Tensor], b1: float, bc1: float):
+def bias_corrections(call: KernelCall, *betas: float, offset: int = 0) -> list[float] | list[torch.Tensor]:
+    """``1 - b**(t + offset)`` for each ``b``, ``t`` the new step count: Python floats where the
+    count lives on the CPU (reading it is free), else 0-dim tensors of the gradients' dtype on
+    its device, computed in float64 there, so a CUDA step never waits for the device (the
+    ``torch._foreach_*`` ops take a tensor scalar)."""
+    if call.step.device.type in SCALAR_STEP_DEVICES:
+        step = float(call.step) + offset
+        return [1 - b**step for b in betas]
+    step = call.step.to(torch.float64) + offset
+    return [(1 - torch.pow(b, step)).to(call.g[0].dtype) for b in betas]
+
+
+def _nesterov_numerator(call: KernelCall, mu: list[torch.Tensor], g: list[torch.Tensor], b1: float, bc1: Any):
     """Fresh ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)`` (optax's Nesterov estimate)."""
-    bc1_next = 1 - b1 ** (float(call.step) + 1)
+    (bc1_next,) = bias_corrections(call, b1, offset=1)
     num = torch._foreach_div(mu, bc1_next)
     torch._foreach_mul_(num, b1)
     scaled_g = torch._foreach_div(g, bc1)
@@ -70,7 +82,7 @@ def _belief_kernel(call: KernelCall) -> list[torch.Tensor]:
     torch._foreach_mul_(dev, dev)
     nu = _ema_(call, "nu", dev, 1 - b2)
     torch._foreach_add_(nu, h["eps_root"])
-    bc1, bc2 = _bias_corrections(call, b1, b2)
+    bc1, bc2 = bias_corrections(call, b1, b2)
     num = _nesterov_numerator(call, mu, g, b1, bc1) if h["nesterov"] else torch._foreach_div(mu, bc1)
     denom = dev  # scratch
     torch._foreach_copy_(denom, nu)
@@ -114,7 +126,7 @@ def _amsgrad_kernel(call: KernelCall) -> list[torch.Tensor]:
     b1, b2 = h["b1"], h["b2"]
     mu = _ema_(call, "mu", g, 1 - b1)
     nu = _ema_(call, "nu", torch._foreach_mul(g, g), 1 - b2)
-    bc1, bc2 = _bias_corrections(call, b1, b2)
+    bc1, bc2 = bias_corrections(call, b1, b2)
     bc1 = bc1 if h["bias_correction_mu"] else 1.0
     bc2 = bc2 if h["bias_correction_nu"] else 1.0
     nu_hat = torch._foreach_div(nu, bc2)
@@ -177,7 +189,7 @@ def _adamaxw_kernel(call: KernelCall) -> list[torch.Tensor]:
     else:
         torch._foreach_maximum_(decayed, abs_g)
         nu = call.bufs["nu"] = decayed
-    (bc1,) = _bias_corrections(call, b1)
+    (bc1,) = bias_corrections(call, b1)
     num = torch._foreach_div(mu, bc1)
     torch._foreach_div_(num, nu)
     return _decay_and_finish(call, num)
@@ -216,7 +228,7 @@ def _nadamw_kernel(call: KernelCall) -> list[torch.Tensor]:
     b1, b2 = h["b1"], h["b2"]
     mu = _ema_(call, "mu", g, 1 - b1)
     nu = _ema_(call, "nu", torch._foreach_mul(g, g), 1 - b2)
-    bc1, bc2 = _bias_corrections(call, b1, b2)
+    bc1, bc2 = bias_corrections(call, b1, b2)
     num = _nesterov_numerator(call, mu, g, b1, bc1)
     denom = torch._foreach_div(nu, bc2)
     torch._foreach_add_(denom, h["eps_root"])
@@ -271,7 +283,7 @@ def _yogi_kernel(call: KernelCall) -> list[torch.Tensor]:
         nu = nu_old
     else:
         nu = call.bufs["nu"] = torch._foreach_sub(nu_old, step)
-    bc1, bc2 = _bias_corrections(call, b1, b2)
+    bc1, bc2 = bias_corrections(call, b1, b2)
     denom = g2  # scratch
     torch._foreach_copy_(denom, nu)
     torch._foreach_div_(denom, bc2)

@@ -8,6 +8,7 @@ import torch
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
 from funcopt.optimizers._common import build, finish
+from funcopt.optimizers._optax_adam import bias_corrections
 from funcopt.transforms import (
     scale_by_adam,
     scale_by_learning_rate,
@@ -60,10 +61,9 @@ def _optimistic_adam_kernel(call: KernelCall) -> list[torch.Tensor]:
     else:
         mu = bufs["mu"] = torch._foreach_lerp(bufs["mu"], g, 1 - b1)
         nu = bufs["nu"] = torch._foreach_lerp(bufs["nu"], torch._foreach_mul(g, g), 1 - b2)
-    step = float(call.step)
-    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    bc1, bc2 = bias_corrections(call, b1, b2)
     if h["nesterov"]:
-        num = torch._foreach_div(mu, 1 - b1 ** (step + 1))
+        num = torch._foreach_div(mu, bias_corrections(call, b1, offset=1)[0])
         torch._foreach_mul_(num, b1)
         scaled = torch._foreach_div(g, bc1)
         torch._foreach_mul_(scaled, 1 - b1)

@@ -31,8 +31,10 @@ same way, ratio to ``torch.optim.Adam(fused=True)`` with ``zero_grad``/``backwar
 the S3 MLP (4-1024-1024-3, batch 64), the digits MLP of ``examples/train_step_donation.py``
 (64-256-256-10, batch 64) and the quickstart's (64-128-10, batch 64; its loop is
 ``grad_and_value`` + ``update`` + ``apply_updates``, with ``torch.func``'s and with
-``funcopt.grad_and_value``). ``--checks`` times the input checks of
-``update`` (``funcopt.base.check_update_inputs``) as a ratio to the same update without them.
+``funcopt.grad_and_value``). ``--checks`` times the input checks of ``update`` in a loop that
+passes each state to the next update (where ``chain`` compares only the new gradients and
+params with the last step's) as a ratio to the same loop without them, and the full check
+(``funcopt.base.check_update_inputs``) alone.
 
 Run:
     python benchmarks/bench_step.py            # full run (about 3-6 minutes on 2 cores)
@@ -79,6 +81,7 @@ SIZES = {
     "S2": [(1 << 24,)],
     "S3": [(1024, 4), (1024,), (1024, 1024), (1024,), (3, 1024), (3,)],
 }
+SIZE_NAMES = {"S1": "ResNet-18 shapes", "S2": "one 16M tensor", "S3": "MLP 4-1024-1024-3"}
 BYTES_PER_ELEMENT = {"adam": 28, "sgd_momentum": 20}  # fp32: adam reads p,g,m,v writes p,m,v
 
 
@@ -239,7 +242,7 @@ def run(which: str, size: str, rounds: int, warmup: int, compile_row: bool) -> s
     ref_min = minima["torch.optim fused"]
     bound = BYTES_PER_ELEMENT[which] * numel / bandwidth
     lines = [
-        f"### {which}, {size} ({numel / 1e6:.2f}M elements in {len(shapes)} tensors)",
+        f"### {which}, {SIZE_NAMES[size]} ({size}: {numel / 1e6:.2f}M elements in {len(shapes)} tensors)",
         "",
         f"Memory bandwidth in these rounds: {bandwidth / 1e9:.1f} GB/s (median of the probe).",
         "",
@@ -329,7 +332,7 @@ def e2e_rows(sizes: tuple[int, ...], batch: int) -> list[Row]:
 
 def run_e2e(rounds: int, warmup: int) -> str:
     models = {
-        "S3 MLP 4-1024-1024-3, batch 64": ((4, 1024, 1024, 3), 64),
+        "MLP 4-1024-1024-3, batch 64": ((4, 1024, 1024, 3), 64),
         "digits MLP 64-256-256-10, batch 64": ((64, 256, 256, 10), 64),
         "quickstart MLP 64-128-10, batch 64": ((64, 128, 10), 64),
     }
@@ -348,11 +351,11 @@ def run_checks(rounds: int, warmup: int) -> str:
     import funcopt.base as base_module
 
     check = getattr(base_module, "check_update_inputs", None)
-    lines = ["### The input checks of update (S3 shapes and the digits MLP's)", ""]
+    lines = ["### The input checks of update (MLP 4-1024-1024-3 and the digits MLP's shapes)", ""]
     if check is None:
         return "\n".join(lines + ["(this funcopt has no update input checks)"]) + "\n"
     lines += ["| tree | route | with checks us | without us | ratio | check alone us |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    trees = {"S3": SIZES["S3"], "digits MLP": [(256, 64), (256,), (256, 256), (256,), (10, 256), (10,)]}
+    trees = {"MLP 4-1024-1024-3": SIZES["S3"], "digits MLP": [(256, 64), (256,), (256, 256), (256,), (10, 256), (10,)]}
     for tree_name, shapes in trees.items():
         gen = torch.Generator().manual_seed(0)
         params = {f"p{i}": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
@@ -360,13 +363,14 @@ def run_checks(rounds: int, warmup: int) -> str:
         for route, fast in (("reference (per-leaf chain)", False), ("fast route", True)):
             tx = funcopt.adam(1e-3)
             state = tx.init(params)
+            box = {"s": state}
 
-            def step(tx=tx, state=state, fast=fast):
+            def step(tx=tx, box=box, fast=fast):  # the training loop: each update's state is the next one's
                 with fused.fast_path_enabled(fast):
-                    tx.update(grads, state, params)
+                    _, box["s"] = tx.update(grads, box["s"], params)
 
             def unchecked(step=step):
-                base_module.check_update_inputs = lambda *a: None
+                base_module.check_update_inputs = lambda *a, **k: None
                 try:
                     step()
                 finally:

@@ -6,10 +6,8 @@ import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import Mask, build, fold_l2, l2, sign
+from funcopt.optimizers._common import Mask, build, decay_weights, fold_l2, l2, sign
 from funcopt.transforms import (
-    add_decayed_weights,
-    is_python_zero,
     scale_by_adam,
     scale_by_adamax,
     scale_by_learning_rate,
@@ -121,7 +119,7 @@ def adamw(
     return build(
         sign(maximize),
         scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -160,7 +158,7 @@ def nadam(
 
     References: Dozat, "Incorporating Nesterov Momentum into Adam", 2016.
     """
-    decay = None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay)
+    decay = decay_weights(weight_decay)
     return build(
         sign(maximize),
         None if decoupled_weight_decay else decay,
@@ -184,7 +182,7 @@ def radam(
     References: Liu et al., "On the Variance of the Adaptive Learning Rate and Beyond", 2020,
     arXiv 1908.03265.
     """
-    decay = None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay)
+    decay = decay_weights(weight_decay)
     return build(
         sign(maximize),
         None if decoupled_weight_decay else decay,
@@ -209,7 +207,7 @@ def lamb(
     """
     return build(
         scale_by_adam(b1, b2, eps),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_trust_ratio(),
         scale_by_learning_rate(learning_rate),
     )

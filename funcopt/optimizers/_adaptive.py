@@ -8,9 +8,8 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import Mask, build, finish, fold_l2, l2, sign, signed_grads
+from funcopt.optimizers._common import Mask, build, decay_weights, finish, fold_l2, l2, lerp_buffer, sign, signed_grads
 from funcopt.transforms import (
-    add_decayed_weights,
     check_learning_rate,
     is_python_zero,
     scale_by_learning_rate,
@@ -26,19 +25,13 @@ __all__ = ["rmsprop", "adagrad", "lion"]
 def _rmsprop_kernel(call: KernelCall) -> list[torch.Tensor]:
     """RMSprop with ``torch._foreach_*`` ops (new state lists where pure)."""
     h, p, bufs, in_place = call.h, call.p, call.bufs, call.in_place
-    nu, mu, buf = bufs["nu"], bufs["mu"], bufs["momentum_buffer"]
+    mu, buf = bufs["mu"], bufs["momentum_buffer"]
     g = signed_grads(h, p, call.g)
     w = 1 - h["alpha"]
     g2 = torch._foreach_mul(g, g)
-    if in_place:
-        torch._foreach_lerp_(nu, g2, w)
-    else:
-        nu = bufs["nu"] = torch._foreach_lerp(nu, g2, w)
+    nu = lerp_buffer(call, "nu", g2, w)
     if mu is not None:
-        if in_place:
-            torch._foreach_lerp_(mu, g, w)
-        else:
-            mu = bufs["mu"] = torch._foreach_lerp(mu, g, w)
+        mu = lerp_buffer(call, "mu", g, w)
         denom = g2  # reuse the scratch: denom = sqrt(nu - mu * mu)
         torch._foreach_copy_(denom, mu)
         torch._foreach_mul_(denom, mu)
@@ -87,10 +80,7 @@ def _lion_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, p, g, mu = call.h, call.p, call.g, call.bufs["mu"]
     direction = torch._foreach_lerp(mu, g, 1 - h["b1"])
     torch._foreach_sign_(direction)
-    if call.in_place:
-        torch._foreach_lerp_(mu, g, 1 - h["b2"])
-    else:
-        call.bufs["mu"] = torch._foreach_lerp(mu, g, 1 - h["b2"])
+    lerp_buffer(call, "mu", g, 1 - h["b2"])
     if h["weight_decay"]:
         torch._foreach_add_(direction, p, alpha=h["weight_decay"])
     return finish(call, direction, owned=True)
@@ -201,6 +191,6 @@ def lion(
     """
     return build(
         scale_by_lion(b1, b2),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

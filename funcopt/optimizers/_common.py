@@ -137,3 +137,24 @@ def with_torch_name_hints(factory: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.__wrapped_torch_names__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the factories and kernels of optax's catalog
+
+
+def decay_weights(weight_decay: Any, mask: Mask = None) -> GradientTransformation | None:
+    """``add_decayed_weights(weight_decay, mask)``, or no block where ``weight_decay`` is a Python
+    zero. Its place in the chain makes it L2 (before the scaling) or decoupled (after it)."""
+    return None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
+
+
+def lerp_buffer(call: Any, name: str, x: list[torch.Tensor], weight: Any) -> list[torch.Tensor]:
+    """The moving average ``bufs[name] = lerp(bufs[name], x, weight)``, returned: written in place
+    where ``call.in_place``, else a new list handed on as the new state buffer."""
+    buf = call.bufs[name]
+    if call.in_place:
+        torch._foreach_lerp_(buf, x, weight)
+        return buf
+    new = call.bufs[name] = torch._foreach_lerp(buf, x, weight)
+    return new

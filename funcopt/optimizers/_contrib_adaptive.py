@@ -12,11 +12,9 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import Mask, build, finish, fold_l2, l2
+from funcopt.optimizers._common import Mask, build, decay_weights, finish, fold_l2, l2, lerp_buffer
 from funcopt.transforms import (
-    add_decayed_weights,
     check_learning_rate,
-    is_python_zero,
     scale_by_ademamix,
     scale_by_adopt,
     scale_by_learning_rate,
@@ -52,14 +50,8 @@ def _adopt_kernel(call: KernelCall) -> list[torch.Tensor]:
         bound = ((call.step - 1).to(torch.float64) ** 0.25).to(g[0].dtype)
         for x in n:
             torch.minimum(torch.maximum(x, -bound), bound, out=x)
-    g2 = torch._foreach_mul(g, g)
-    if call.in_place:
-        torch._foreach_lerp_(nu, g2, 1 - h["b2"])
-        torch._foreach_lerp_(mu, n, 1 - h["b1"])
-        new_mu = mu
-    else:
-        bufs["nu"] = torch._foreach_lerp(nu, g2, 1 - h["b2"])
-        new_mu = bufs["mu"] = torch._foreach_lerp(mu, n, 1 - h["b1"])
+    lerp_buffer(call, "nu", torch._foreach_mul(g, g), 1 - h["b2"])
+    new_mu = lerp_buffer(call, "mu", n, 1 - h["b1"])
     if h["nesterov"]:
         return finish(call, torch._foreach_lerp(new_mu, n, 1 - h["b1"]), owned=True)
     return finish(call, new_mu)
@@ -109,17 +101,11 @@ def adopt(
 
 def _ademamix_kernel(call: KernelCall) -> list[torch.Tensor]:
     """AdEMAMix with ``torch._foreach_*`` ops; the bias corrections are 0-dim tensors (no device sync)."""
-    h, g, bufs = call.h, call.g, call.bufs
-    m1, m2, nu = bufs["m1"], bufs["m2"], bufs["nu"]
+    h, g = call.h, call.g
     g2 = torch._foreach_mul(g, g)
-    if call.in_place:
-        torch._foreach_lerp_(m1, g, 1 - h["b1"])
-        torch._foreach_lerp_(m2, g, 1 - h["b3"])
-        torch._foreach_lerp_(nu, g2, 1 - h["b2"])
-    else:
-        m1 = bufs["m1"] = torch._foreach_lerp(m1, g, 1 - h["b1"])
-        m2 = bufs["m2"] = torch._foreach_lerp(m2, g, 1 - h["b3"])
-        nu = bufs["nu"] = torch._foreach_lerp(nu, g2, 1 - h["b2"])
+    m1 = lerp_buffer(call, "m1", g, 1 - h["b1"])
+    m2 = lerp_buffer(call, "m2", g, 1 - h["b3"])
+    nu = lerp_buffer(call, "nu", g2, 1 - h["b2"])
     step = call.step.to(torch.float64)
     dtype = g[0].dtype
     bc1, bc2 = (1 - h["b1"] ** step).to(dtype), (1 - h["b2"] ** step).to(dtype)
@@ -171,7 +157,7 @@ def ademamix(
     check_learning_rate(learning_rate)
     return build(
         scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 

@@ -13,11 +13,10 @@ from typing import Any
 
 from funcopt import schedules
 from funcopt.base import GradientTransformation, ScalarOrSchedule
-from funcopt.optimizers._common import Mask, build
+from funcopt.optimizers._common import Mask, build, decay_weights
 from funcopt.transforms import (
     add_decayed_weights,
     check_learning_rate,
-    is_python_zero,
     scale_by_bias_corrected_rms,
     scale_by_cocob,
     scale_by_dadapt_adam,
@@ -32,11 +31,28 @@ from funcopt.transforms import (
 __all__ = ["schedule_free_adamw", "schedule_free_sgd", "prodigy", "dadapt_adamw", "cocob", "dog", "dowg", "momo"]
 
 
-def _warmup(learning_rate: Any, warmup_steps: int | None) -> Any:
-    """optax's ``warmup_constant_schedule(0, learning_rate, warmup_steps)``, or ``learning_rate``."""
-    if warmup_steps is None:
-        return learning_rate
-    return schedules.linear(0.0, learning_rate, warmup_steps)
+def _schedule_free_of(
+    learning_rate: Any, warmup_steps: int | None, b1: float, weight_lr_power: float, *blocks: GradientTransformation | None
+) -> GradientTransformation:
+    """``schedule_free`` around the chain of ``blocks`` and the learning rate, which ramps up
+    from 0 over ``warmup_steps`` (optax's ``warmup_constant_schedule``) where that is not None."""
+    check_learning_rate(learning_rate)
+    lr = learning_rate if warmup_steps is None else schedules.linear(0.0, learning_rate, warmup_steps)
+    return schedule_free(build(*blocks, scale_by_learning_rate(lr)), lr, b1, weight_lr_power)
+
+
+def _l2_unless_none(weight_decay: Any, mask: Mask = None) -> GradientTransformation | None:
+    """L2 weight decay as optax's DoG, DoWG and schedule-free SGD take it: no block for None
+    (0.0 keeps one, as in optax)."""
+    return None if weight_decay is None else add_decayed_weights(weight_decay, mask)
+
+
+def _scaled_sgd(
+    learning_rate: Any, weight_decay: Any, mask: Mask, step_size: GradientTransformation
+) -> GradientTransformation:
+    """DoG's and DoWG's chain: L2 weight decay, the ``step_size`` block, the learning rate."""
+    check_learning_rate(learning_rate)
+    return build(_l2_unless_none(weight_decay, mask), step_size, scale_by_learning_rate(learning_rate))
 
 
 def schedule_free_adamw(
@@ -63,14 +79,9 @@ def schedule_free_adamw(
 
     References: Defazio et al., "The Road Less Scheduled", 2024, arXiv 2405.15682.
     """
-    check_learning_rate(learning_rate)
-    lr = _warmup(learning_rate, warmup_steps)
-    base = build(
-        scale_by_bias_corrected_rms(b2, eps),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay),
-        scale_by_learning_rate(lr),
+    return _schedule_free_of(
+        learning_rate, warmup_steps, b1, weight_lr_power, scale_by_bias_corrected_rms(b2, eps), decay_weights(weight_decay)
     )
-    return schedule_free(base, lr, b1, weight_lr_power)
 
 
 def schedule_free_sgd(
@@ -87,10 +98,7 @@ def schedule_free_sgd(
 
     References: Defazio et al., "The Road Less Scheduled", 2024, arXiv 2405.15682.
     """
-    check_learning_rate(learning_rate)
-    lr = _warmup(learning_rate, warmup_steps)
-    base = build(None if weight_decay is None else add_decayed_weights(weight_decay), scale_by_learning_rate(lr))
-    return schedule_free(base, lr, b1, weight_lr_power)
+    return _schedule_free_of(learning_rate, warmup_steps, b1, weight_lr_power, _l2_unless_none(weight_decay))
 
 
 def prodigy(
@@ -151,7 +159,7 @@ def cocob(
     Betting", NeurIPS 2017, arXiv 1705.07795.
     """
     return build(
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate, flip_sign=False),
         scale_by_cocob(alpha, eps),
     )
@@ -173,12 +181,7 @@ def dog(
     References: Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step
     Size Schedule", ICML 2023, arXiv 2302.12022.
     """
-    check_learning_rate(learning_rate)
-    return build(
-        None if weight_decay is None else add_decayed_weights(weight_decay, mask),
-        scale_by_dog(init_step, eps),
-        scale_by_learning_rate(learning_rate),
-    )
+    return _scaled_sgd(learning_rate, weight_decay, mask, scale_by_dog(init_step, eps))
 
 
 def dowg(
@@ -196,12 +199,7 @@ def dowg(
     References: Khaled, Mishchenko & Jin, "DoWG Unleashed: An Efficient Universal Parameter-Free
     Gradient Descent Method", NeurIPS 2023, arXiv 2305.16284.
     """
-    check_learning_rate(learning_rate)
-    return build(
-        None if weight_decay is None else add_decayed_weights(weight_decay, mask),
-        scale_by_dowg(init_estim_sq_dist, eps),
-        scale_by_learning_rate(learning_rate),
-    )
+    return _scaled_sgd(learning_rate, weight_decay, mask, scale_by_dowg(init_estim_sq_dist, eps))
 
 
 def momo(

@@ -6,7 +6,7 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import build, finish
+from funcopt.optimizers._common import build, finish, lerp_buffer
 from funcopt.transforms import ema, scale_by_learning_rate, scale_by_sign
 
 __all__ = ["sign_sgd", "signum"]
@@ -27,13 +27,7 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
 
 
 def _signum_kernel(call: KernelCall) -> list[torch.Tensor]:
-    w = 1 - call.h["beta"]
-    if call.in_place:
-        torch._foreach_lerp_(call.bufs["ema"], call.g, w)
-        direction = torch._foreach_sign(call.bufs["ema"])
-    else:
-        new = call.bufs["ema"] = torch._foreach_lerp(call.bufs["ema"], call.g, w)
-        direction = torch._foreach_sign(new)
+    direction = torch._foreach_sign(lerp_buffer(call, "ema", call.g, 1 - call.h["beta"]))
     return finish(call, direction, owned=True)
 
 

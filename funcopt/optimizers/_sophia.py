@@ -7,8 +7,8 @@ from typing import Any, Callable
 import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
-from funcopt.optimizers._common import build
-from funcopt.transforms import add_decayed_weights, is_python_zero, scale_by_learning_rate, scale_by_sophia
+from funcopt.optimizers._common import build, decay_weights
+from funcopt.transforms import scale_by_learning_rate, scale_by_sophia
 
 __all__ = ["sophia"]
 
@@ -57,6 +57,6 @@ def sophia(
     """
     return build(
         scale_by_sophia(b1, b2, eps, gamma, clip_threshold, update_interval, hessian_diagonal_fn),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, weight_decay_mask),
+        decay_weights(weight_decay, weight_decay_mask),
         scale_by_learning_rate(learning_rate),
     )

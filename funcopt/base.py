@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import weakref
 from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import optree
@@ -214,7 +215,12 @@ class _Nesting(threading.local):
 
 _OUTERMOST = _Nesting()
 _FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128))
-_EXPECTED_STATE: dict[tuple[Any, Any, Any], tuple[list[int], list[torch.Size]]] = {}
+# init function -> {(state spec, grads spec, grad shapes): expected state shapes}. Keyed by the
+# init itself: two optimizers with the same state types can build different shapes (L-BFGS's
+# memory_size), and a weak key lets the entry go with the transformation.
+_EXPECTED_STATE: weakref.WeakKeyDictionary[Callable[..., Any], dict[tuple[Any, Any, Any], Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def check_update_inputs(
@@ -261,11 +267,15 @@ def check_update_inputs(
                     _raise_bad_gradient(params, i, a, b, after)
     s, s_spec = optree.tree_flatten(state, none_is_leaf=False)
     key = (s_spec, g_spec, tuple(shapes))
-    expected = _EXPECTED_STATE.get(key)
-    if expected is None and len(_EXPECTED_STATE) < 256:
-        expected = _EXPECTED_STATE[key] = _expected_state_shapes(init, g, g_spec, s)
-    elif expected is None:
+    try:
+        known = _EXPECTED_STATE.setdefault(init, {})
+    except TypeError:  # an init that cannot be weakly referenced: no memo
+        known = {}
+    expected = known.get(key)
+    if expected is None:
         expected = _expected_state_shapes(init, g, g_spec, s)
+        if len(known) < 64:
+            known[key] = expected
     if expected and [s[i].shape for i in expected[0]] != expected[1]:
         for i, shape in zip(*expected):
             if s[i].shape != shape:

@@ -186,3 +186,15 @@ def test_a_returned_state_skips_the_full_check_but_changes_are_still_caught(monk
             p = funcopt.apply_updates(p, u)
     for k in params:
         torch.testing.assert_close(p[k], ref[k].detach(), rtol=1e-14, atol=0)
+
+
+def test_the_state_shape_memo_is_per_optimizer():
+    """Two L-BFGS with different memory sizes build different state shapes for the same params:
+    the remembered shapes of one must not judge the other's state."""
+    params = {"w": torch.zeros(3, 4, dtype=torch.float64)}
+    grads = {"w": torch.ones(3, 4, dtype=torch.float64)}
+    for memory_size in (10, 5, 10):
+        tx = funcopt.scale_by_lbfgs(memory_size=memory_size)
+        state = tx.init(params)
+        funcopt.chain(tx).update(grads, funcopt.chain(tx).init(params), params)
+        tx.update(grads, state, params)

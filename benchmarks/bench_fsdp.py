@@ -106,19 +106,21 @@ def main() -> None:
     n = args.depth * (args.width * args.width + args.width)
     print(f"MLP {args.depth} x Linear({args.width}, {args.width}), {n:,} float32 params, CPU/gloo")
     print("\noptimizer state bytes per rank (AdamW: exp_avg + exp_avg_sq + steps)")
-    print(f"{'ranks':>5} {'params/rank':>12} {'funcopt state/rank':>19} {'torch.optim state/rank':>23}")
+    print("| ranks | params/rank | funcopt state/rank | torch.optim state/rank |")
+    print("| ---: | ---: | ---: | ---: |")
     for world in args.worlds:
         if world == 1:
             res = bytes_per_rank(args.width, args.depth)
         else:
             res = fd.launch(bytes_per_rank, world, (args.width, args.depth))[0]
-        print(f"{world:>5} {res['params']:>12,} {res['funcopt']:>19,} {res['torch']:>23,}")
+        print(f"| {world} | {res['params']:,} | {res['funcopt']:,} | {res['torch']:,} |")
     world = 2
     res = fd.launch(step_times, world, (args.width, args.depth, args.rounds, args.steps), timeout_s=600)[0]
     print(f"\noptimizer step under FSDP2, {world} ranks (rank 0, medians of {args.rounds} alternating rounds)")
     print(f"funcopt route: {res['route']}")
-    print(f"funcopt.adamw {res['funcopt_ms']:.2f} ms, torch.optim.AdamW(foreach) {res['torch_ms']:.2f} ms, "
-          f"ratio {res['ratio']:.2f}x")
+    print("| step | ms | ratio |\n| --- | ---: | ---: |")
+    print(f"| torch.optim.AdamW(foreach) | {res['torch_ms']:.2f} | 1.00 |")
+    print(f"| funcopt.adamw (module_step) | {res['funcopt_ms']:.2f} | {res['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -246,3 +246,9 @@ plateau = transforms
 stacked = sweep
 
 __version__ = "0.3.0"
+
+# Every name re-exported above (the submodules are reached as attributes, not listed).
+__all__ = sorted(
+    name for name, value in list(globals().items())
+    if not name.startswith("_") and not isinstance(value, type(checkpoint))
+)

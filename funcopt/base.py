@@ -20,10 +20,13 @@ __all__ = [
 ]
 
 PyTree = Any
+"""A pytree: tensors, numbers and ``None`` in dicts, lists, tuples and NamedTuples (optree's nodes)."""
 OptState = Any
+"""An optimizer state: a pytree of tensors (NamedTuples, tuples, dicts), as ``init`` builds it."""
 Schedule = Callable[[torch.Tensor], Union[float, torch.Tensor]]
 """A schedule maps the 0-dim integer step count to a value (``optax.Schedule``)."""
 ScalarOrSchedule = Union[float, torch.Tensor, Schedule]
+"""A hyperparameter: a Python number, a 0-dim tensor, or a :data:`Schedule` of the step count."""
 
 
 class FuncoptError(ValueError):
@@ -31,10 +34,14 @@ class FuncoptError(ValueError):
 
 
 class TransformInitFn(Protocol):
+    """``init(params) -> state``: builds the optimizer state for ``params`` (pure)."""
+
     def __call__(self, params: PyTree) -> OptState: ...
 
 
 class TransformUpdateFn(Protocol):
+    """``update(updates, state, params=None, **extra_args) -> (updates, state)`` (pure)."""
+
     def __call__(
         self, updates: PyTree, state: OptState, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, OptState]: ...

@@ -12,6 +12,8 @@ the docs lists every optimizer and the right fast-route column.
 
 from __future__ import annotations
 
+import inspect
+
 import argparse
 import datetime
 import re
@@ -45,7 +47,7 @@ NOTES = {
 
 def optimizer_names() -> list[str]:
     """The factories funcopt.optimizers exports, in their ``__all__`` order."""
-    return [n for n in funcopt.optimizers.__all__ if callable(getattr(funcopt.optimizers, n))]
+    return [n for n in funcopt.optimizers.__all__ if inspect.isfunction(getattr(funcopt.optimizers, n))]
 
 
 def rows_of(name: str) -> list[registry.Row]:

@@ -20,6 +20,8 @@ optimizer, fast route and native kernel family has a row.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -577,7 +579,7 @@ OWN_BATTERY: dict[Callable[..., funcopt.GradientTransformation], str] = {
 
 def optimizer_factories() -> list[Callable[..., funcopt.GradientTransformation]]:
     """The optimizer factories funcopt.optimizers exports."""
-    return [f for f in (getattr(funcopt.optimizers, n) for n in funcopt.optimizers.__all__) if callable(f)]
+    return [f for f in (getattr(funcopt.optimizers, n) for n in funcopt.optimizers.__all__) if inspect.isfunction(f)]
 
 
 def row(name: str) -> Row:

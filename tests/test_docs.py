@@ -99,3 +99,40 @@ def test_the_catalog_table_lists_every_optimizer_and_its_fast_route():
     assert not missing, f"docs/optimizers.md lacks {missing}: run `python -m tests.catalog_table --write`"
     wrong = {n: documented[n] for n in expected if documented[n] != expected[n]}
     assert not wrong, f"the fast-route column is wrong for {wrong}: run `python -m tests.catalog_table --write`"
+
+
+API_PACKAGES = (
+    "base", "optimizers", "transforms", "schedules", "checkpoint", "solvers", "linalg", "implicit",
+    "lr_finder", "sweep", "fast", "interop", "distributed", "tree", "nn",
+)
+
+
+@pytest.mark.slow
+def test_the_api_reference_documents_every_public_name(tmp_path):
+    """Builds the site and finds an entry for every name of ``funcopt.__all__`` and of each
+    package's ``__all__`` (mkdocstrings gives each documented object an anchor with its path)."""
+    import importlib
+    import types
+
+    config = pytest.importorskip("mkdocs.config", reason="the docs extra is not installed: pip install -e '.[docs]'")
+    from mkdocs.commands.build import build
+
+    import funcopt
+
+    cfg = config.load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"), strict=False)
+    build(cfg)
+    html = "".join(p.read_text() for p in (tmp_path / "site" / "api").rglob("*.html"))
+    anchors = set(re.findall(r'id="(funcopt\.[\w.]+)"', html))
+    missing = []
+    homes: dict[int, str] = {}
+    for package in API_PACKAGES:
+        module = importlib.import_module(f"funcopt.{package}")
+        for name in module.__all__:
+            if f"funcopt.{package}.{name}" not in anchors:
+                missing.append(f"funcopt.{package}.{name}")
+            homes.setdefault(id(getattr(module, name)), f"funcopt.{package}.{name}")
+    assert not missing, f"the API reference lacks {missing}: give them docstrings or add their package to docs/api/"
+    top = [n for n in funcopt.__all__ if not isinstance(getattr(funcopt, n), types.ModuleType)]
+    homeless = [n for n in top if id(getattr(funcopt, n)) not in homes]
+    assert not homeless, f"funcopt.{homeless} are exported by no package whose reference page is built"
+    assert len(top) > 150

@@ -16,7 +16,7 @@ from funcopt.optimizers._sgd import sgd
 from funcopt.optimizers._sparse_adam import sparse_adam
 # catalog C: SAM, Sophia, DP-SGD
 from funcopt.optimizers._dpsgd import dpsgd
-from funcopt.optimizers._sam import SAMState as SAMState  # a state type: not in __all__ (factories only)
+from funcopt.optimizers._sam import SAMState
 from funcopt.optimizers._sam import sam
 from funcopt.optimizers._sophia import sophia
 # catalog B: optax.contrib
@@ -41,7 +41,7 @@ from funcopt.optimizers._polyak import polyak_sgd
 from funcopt.optimizers._sign import sign_sgd, signum
 from funcopt.optimizers._sm3 import sm3
 
-__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "adabelief", "adan", "amsgrad", "adamaxw", "nadamw", "yogi", "novograd", "sm3", "fromage", "lars", "sign_sgd", "signum", "optimistic_gradient_descent", "optimistic_adam_v2", "noisy_sgd", "polyak_sgd", "schedule_free_adamw", "schedule_free_sgd", "adopt", "ademamix", "prodigy", "dadapt_adamw", "madgrad", "cocob", "dog", "dowg", "momo", "sam", "sophia", "dpsgd", "FAST_PATH_OPTIMIZERS"]
+__all__ = ["sgd", "adam", "adamw", "adamax", "nadam", "radam", "rmsprop", "adagrad", "lion", "lamb", "adafactor", "sparse_adam", "muon", "muon_with_adamw", "adadelta", "rprop", "asgd", "adabelief", "adan", "amsgrad", "adamaxw", "nadamw", "yogi", "novograd", "sm3", "fromage", "lars", "sign_sgd", "signum", "optimistic_gradient_descent", "optimistic_adam_v2", "noisy_sgd", "polyak_sgd", "schedule_free_adamw", "schedule_free_sgd", "adopt", "ademamix", "prodigy", "dadapt_adamw", "madgrad", "cocob", "dog", "dowg", "momo", "sam", "sophia", "dpsgd", "SAMState", "FAST_PATH_OPTIMIZERS"]
 
 FAST_PATH_OPTIMIZERS = tuple(name for name in __all__[:-1] if hasattr(globals()[name], "fast_route"))
 """Names of the optimizers with a declared fast route."""

@@ -68,10 +68,12 @@ def check_beta(name: str, value: Any) -> None:
 
 
 def check_non_negative(name: str, value: Any) -> None:
+    """Raises ``FuncoptError`` if ``value`` is a negative Python number (tensors pass unchecked)."""
     _check_range(name, value, 0.0)
 
 
 def check_learning_rate(value: Any) -> None:
+    """Raises ``FuncoptError`` for a negative Python learning rate, pointing at ``maximize=True``."""
     if _is_number(value) and value < 0:
         raise FuncoptError(
             f"learning_rate must be >= 0, got {value!r}. To ascend instead of descend, pass "

@@ -11,13 +11,11 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import EmptyState, GradientTransformation, ScalarOrSchedule, check_state, require_params
-from funcopt.optimizers._common import Mask, build
+from funcopt.optimizers._common import Mask, build, decay_weights
 from funcopt.transforms import (
     ScaleByScheduleState,
-    add_decayed_weights,
     check_learning_rate,
     init_count,
-    is_python_zero,
     masked,
     scale,
     scale_by_learning_rate,
@@ -124,7 +122,7 @@ def lars(
     trust_any, trust_mask = _mask_or_all(trust_ratio_mask)
     trust = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
     return build(
-        add_decayed_weights(weight_decay, decay_mask) if decay_any and not is_python_zero(weight_decay) else None,
+        decay_weights(weight_decay, decay_mask) if decay_any else None,
         (trust if trust_mask is None else masked(trust, trust_mask)) if trust_any else None,
         scale_by_learning_rate(learning_rate),
         trace(momentum, nesterov=nesterov),

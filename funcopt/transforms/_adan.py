@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.base import GradientTransformation, PyTree, stable_name
 from funcopt.transforms._common import _lerp, check_beta, check_non_negative
-from funcopt.transforms._moments import _bias_corrections, _ema, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _ema, _moment_block
 
 __all__ = ["ScaleByAdanState", "scale_by_adan"]
 
@@ -45,11 +45,7 @@ def scale_by_adan(
     check_non_negative("eps", eps)
     check_non_negative("eps_root", eps_root)
 
-    def init(params):
-        return _zeros_state(ScaleByAdanState, params, 4)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdanState, "scale_by_adan")
+    def advance(updates, state):
         first = state.count == 0
         diff = _tree.map(
             lambda g, prev: torch.where(first, torch.zeros_like(g), g - prev),
@@ -70,6 +66,6 @@ def scale_by_adan(
 
         out = _tree.map(direction, mu, diff_ema, nu)
         prev = _tree.map(torch.clone, updates)  # a copy: in-place steps write the state buffers
-        return out, ScaleByAdanState(state.count + 1, mu, diff_ema, nu, prev)
+        return out, (mu, diff_ema, nu, prev)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_adan", ScaleByAdanState, 4, advance)

@@ -31,6 +31,7 @@ from funcopt.transforms._moments import (
     _check_moment_args,
     _ema,
     _ema_of_squares,
+    _moment_block,
     _moments,
     _zeros_state,
 )
@@ -92,11 +93,7 @@ def scale_by_adam(
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
-    def init(params):
-        return _adam_init(params, amsgrad)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdamState, "scale_by_adam")
+    def advance(updates, state):
         mu, nu = _moments(updates, state, b1, b2)
         bc1, bc2 = _bias_corrections(state.count, b1, b2)
         nu_max = _tree.map(torch.maximum, state.nu_max, nu) if amsgrad else ()
@@ -110,9 +107,9 @@ def scale_by_adam(
             direction = _tree.map(
                 lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, second
             )
-        return direction, ScaleByAdamState(state.count + 1, mu, nu, nu_max)
+        return direction, (mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_adam", ScaleByAdamState, lambda params: _adam_init(params, amsgrad), advance)
 
 
 @stable_name("funcopt.ScaleByAdamaxState")
@@ -131,18 +128,14 @@ def scale_by_adamax(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Gr
     """
     _check_moment_args(b1, b2, eps)
 
-    def init(params):
-        return _zeros_state(ScaleByAdamaxState, params, 2)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdamaxState, "scale_by_adamax")
+    def advance(updates, state):
         mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
         nu = _tree.map(lambda u, g: torch.maximum(u * b2, torch.abs(g) + eps), state.nu, updates)
         (bc1,) = _bias_corrections(state.count, b1)
         direction = _tree.map(lambda m, u: (m / bc1) / u, mu, nu)
-        return direction, ScaleByAdamaxState(state.count + 1, mu, nu)
+        return direction, (mu, nu)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_adamax", ScaleByAdamaxState, 2, advance)
 
 
 @stable_name("funcopt.ScaleByNadamState")
@@ -175,8 +168,7 @@ def scale_by_nadam(
             _scalar_state(1.0, count),
         )
 
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByNadamState, "scale_by_nadam")
+    def advance(updates, state):
         step = _float_step(state.count)
         bc2 = 1 - b2**step
         mu_t = b1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
@@ -192,9 +184,9 @@ def scale_by_nadam(
             return g * coef_g / denom + m * coef_m / denom
 
         out = _tree.map(direction, updates, mu, nu)
-        return out, ScaleByNadamState(state.count + 1, mu, nu, mu_product)
+        return out, (mu, nu, mu_product)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_nadam", ScaleByNadamState, init, advance)
 
 
 def scale_by_radam(
@@ -207,15 +199,10 @@ def scale_by_radam(
     """
     _check_moment_args(b1, b2, eps)
 
-    def init(params):
-        return _adam_init(params)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdamState, "scale_by_radam")
+    def advance(updates, state):
         step = _float_step(state.count)
         mu, nu = _moments(updates, state, b1, b2)
-        bc1 = 1 - b1**step
-        bc2 = 1 - b2**step
+        bc1, bc2 = _bias_corrections(state.count, b1, b2)
         rho_inf = 2 / (1 - b2) - 1
         rho_t = rho_inf - 2 * step * (b2**step) / bc2
         ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
@@ -229,9 +216,9 @@ def scale_by_radam(
             return m_hat * torch.where(use_adaptive, adaptive, torch.ones_like(adaptive))
 
         out = _tree.map(direction, mu, nu)
-        return out, ScaleByAdamState(state.count + 1, mu, nu, ())
+        return out, (mu, nu, ())
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_radam", ScaleByAdamState, _adam_init, advance)
 
 
 @stable_name("funcopt.ScaleByLionState")
@@ -249,16 +236,12 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     check_beta("b1", b1)
     check_beta("b2", b2)
 
-    def init(params):
-        return _zeros_state(ScaleByLionState, params, 1)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByLionState, "scale_by_lion")
+    def advance(updates, state):
         direction = _tree.map(lambda m, g: torch.sign(_lerp(m, g, 1 - b1)), state.mu, updates)
         mu = _ema(state.mu, updates, b2)
-        return direction, ScaleByLionState(state.count + 1, mu)
+        return direction, (mu,)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_lion", ScaleByLionState, 1, advance)
 
 
 @stable_name("funcopt.ScaleByRmsState")

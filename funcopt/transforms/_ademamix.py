@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, check_state, stable_name
+from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, stable_name
 from funcopt.transforms._common import _check_range, check_beta
-from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _ema_of_squares, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _ema_of_squares, _moment_block
 
 __all__ = ["ScaleByAdemamixState", "scale_by_ademamix"]
 
@@ -53,11 +53,7 @@ def scale_by_ademamix(
     if not callable(alpha):
         _check_range("alpha", alpha)
 
-    def init(params):
-        return _zeros_state(ScaleByAdemamixState, params, 3)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdemamixState, "scale_by_ademamix")
+    def advance(updates, state):
         c_b3 = b3(state.count) if callable(b3) else b3
         c_alpha = alpha(state.count) if callable(alpha) else alpha
         m1 = _ema(state.m1, updates, b1, names=("m1", "updates"))
@@ -67,6 +63,6 @@ def scale_by_ademamix(
         direction = _tree.map(
             lambda a, b, v: ((a / bc1 + c_alpha * b) / (torch.sqrt(v / bc2 + eps_root) + eps)).to(a.dtype), m1, m2, nu
         )
-        return direction, ScaleByAdemamixState(state.count + 1, m1, m2, nu)
+        return direction, (m1, m2, nu)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_ademamix", ScaleByAdemamixState, 3, advance)

@@ -11,9 +11,9 @@ from typing import Callable, NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.base import GradientTransformation, PyTree, stable_name
 from funcopt.transforms._common import _lerp
-from funcopt.transforms._moments import _check_moment_args, _zeros_state
+from funcopt.transforms._moments import _check_moment_args, _moment_block
 
 __all__ = ["ScaleByAdoptState", "scale_by_adopt"]
 
@@ -57,11 +57,7 @@ def scale_by_adopt(
     _check_moment_args(b1, b2, eps)
     clip_fn = _default_clip_value if clip_value_fn is None else clip_value_fn
 
-    def init(params):
-        return _zeros_state(ScaleByAdoptState, params, 2)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdoptState, "scale_by_adopt")
+    def advance(updates, state):
         first = state.count == 0
         nu = _tree.map(
             lambda v, g: torch.where(first, g * g, _lerp(v, g * g, 1 - b2)), state.nu, updates, names=("nu", "updates")
@@ -81,6 +77,6 @@ def scale_by_adopt(
         n = _tree.map(normalized, updates, state.nu)
         mu = _tree.map(lambda m, x: torch.where(first, m, _lerp(m, x, 1 - b1)), state.mu, n)
         out = _tree.map(lambda m, x: torch.where(first, m, _lerp(m, x, 1 - b1)), mu, n) if nesterov else mu
-        return out, ScaleByAdoptState(state.count + 1, mu, nu)
+        return out, (mu, nu)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_adopt", ScaleByAdoptState, 2, advance)

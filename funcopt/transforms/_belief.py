@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.base import GradientTransformation, PyTree, stable_name
 from funcopt.transforms._common import _lerp
-from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _moment_block
 
 __all__ = ["ScaleByBeliefState", "scale_by_belief"]
 
@@ -44,11 +44,7 @@ def scale_by_belief(
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
-    def init(params):
-        return _zeros_state(ScaleByBeliefState, params, 2)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByBeliefState, "scale_by_belief")
+    def advance(updates, state):
         mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
 
         def second(v, g, m):
@@ -63,6 +59,6 @@ def scale_by_belief(
         else:
             mu_hat = _tree.map(lambda m: m / bc1, mu)
         out = _tree.map(lambda m, v: m / (torch.sqrt(v / bc2) + eps), mu_hat, nu)
-        return out, ScaleByBeliefState(state.count + 1, mu, nu)
+        return out, (mu, nu)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_belief", ScaleByBeliefState, 2, advance)

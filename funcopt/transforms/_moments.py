@@ -1,5 +1,6 @@
 """Pieces shared by the moment-based blocks (Adam's family): hyperparameter checks, the
-zero-initialized state, moving averages of the updates and their bias corrections.
+zero-initialized state, moving averages of the updates, their bias corrections, and the
+``init``/``update`` pair of a block whose state is a step count and its moments.
 
 Part of ``funcopt.transforms`` (private helpers; no public names). Every moving average is
 ``torch.lerp(m, x, 1 - decay)`` (torch.optim's form), so a block written with these helpers
@@ -8,12 +9,12 @@ computes the same numbers as one spelling the lerps out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import PyTree
+from funcopt.base import GradientTransformation, PyTree, check_state
 from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
 
 __all__: list[str] = []
@@ -56,3 +57,27 @@ def _bias_corrections(count: torch.Tensor, *decays: Any) -> tuple[torch.Tensor, 
     """``1 - decay**t`` for each decay, ``t = count + 1`` the 1-based step (float64 0-dim)."""
     step = _float_step(count)
     return tuple(1 - b**step for b in decays)
+
+
+def _moment_block(
+    name: str,
+    state_type: type,
+    init: int | Callable[[PyTree], Any],
+    advance: Callable[[PyTree, Any], tuple[PyTree, tuple]],
+) -> GradientTransformation:
+    """The block ``name`` whose state is ``state_type(count, *moments)``.
+
+    ``init``: how many params-shaped zero trees the moments start as, or a function
+    ``params -> state``. ``advance(updates, state)`` returns the new updates and the new moments;
+    the count advances by one. The update checks the state it is given and needs no params.
+    """
+
+    def init_fn(params):
+        return _zeros_state(state_type, params, init) if isinstance(init, int) else init(params)
+
+    def update(updates, state, params=None, **extra_args):
+        check_state(state, state_type, name)
+        out, moments = advance(updates, state)
+        return out, state_type(state.count + 1, *moments)
+
+    return GradientTransformation(init_fn, update)

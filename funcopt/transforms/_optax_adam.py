@@ -13,10 +13,10 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, check_state, stable_name
+from funcopt.base import GradientTransformation, PyTree, stable_name
 from funcopt.transforms._adaptive import ScaleByAdamState, _adam_init
 from funcopt.transforms._common import init_count
-from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _moments, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _moments, _moment_block
 
 __all__ = [
     "ScaleByAmsgradState",
@@ -57,11 +57,7 @@ def scale_by_amsgrad(
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
-    def init(params):
-        return _zeros_state(ScaleByAmsgradState, params, 3)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAmsgradState, "scale_by_amsgrad")
+    def advance(updates, state):
         mu, nu = _moments(updates, state, b1, b2)
         bc1, bc2 = _bias_corrections(state.count, b1, b2)
         bc1 = bc1 if bias_correction_mu else 1.0
@@ -69,9 +65,9 @@ def scale_by_amsgrad(
         # (a 0-dim leaf divided by the 0-dim float64 correction would become float64: keep its dtype)
         nu_max = _tree.map(lambda vm, v: torch.maximum(vm, (v / bc2).to(vm.dtype)), state.nu_max, nu)
         out = _tree.map(lambda m, vm: (m / bc1) / (torch.sqrt(vm + eps_root) + eps), mu, nu_max)
-        return out, ScaleByAmsgradState(state.count + 1, mu, nu, nu_max)
+        return out, (mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_amsgrad", ScaleByAmsgradState, 3, advance)
 
 
 def scale_by_nesterov_adam(
@@ -86,11 +82,7 @@ def scale_by_nesterov_adam(
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
-    def init(params):
-        return _adam_init(params)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByAdamState, "scale_by_nesterov_adam")
+    def advance(updates, state):
         mu, nu = _moments(updates, state, b1, b2)
         bc1, bc2 = _bias_corrections(state.count, b1, b2)
         (bc1_next,) = _bias_corrections(state.count + 1, b1)
@@ -99,9 +91,9 @@ def scale_by_nesterov_adam(
             m_hat = b1 * (m / bc1_next) + (1 - b1) * (g / bc1)
             return m_hat / (torch.sqrt(v / bc2 + eps_root) + eps)
 
-        return _tree.map(direction, mu, nu, updates), ScaleByAdamState(state.count + 1, mu, nu, ())
+        return _tree.map(direction, mu, nu, updates), (mu, nu, ())
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_nesterov_adam", ScaleByAdamState, _adam_init, advance)
 
 
 @stable_name("funcopt.ScaleByYogiState")
@@ -134,8 +126,7 @@ def scale_by_yogi(
         full = _tree.full_like(params, initial_accumulator_value)
         return ScaleByYogiState(init_count(params), full, _tree.full_like(params, initial_accumulator_value))
 
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByYogiState, "scale_by_yogi")
+    def advance(updates, state):
         mu = _ema(state.mu, updates, b1, names=("mu", "updates"))
 
         def second(v, g):
@@ -145,6 +136,6 @@ def scale_by_yogi(
         nu = _tree.map(second, state.nu, updates)
         bc1, bc2 = _bias_corrections(state.count, b1, b2)
         out = _tree.map(lambda m, v: (m / bc1) / (torch.sqrt(v / bc2 + eps_root) + eps), mu, nu)
-        return out, ScaleByYogiState(state.count + 1, mu, nu)
+        return out, (mu, nu)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_yogi", ScaleByYogiState, init, advance)

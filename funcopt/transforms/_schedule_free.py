@@ -30,7 +30,7 @@ from funcopt.transforms._common import (
     check_non_negative,
     init_count,
 )
-from funcopt.transforms._moments import _bias_corrections, _ema_of_squares, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _ema_of_squares, _moment_block
 
 __all__ = [
     "ScheduleFreeState",
@@ -174,14 +174,10 @@ def scale_by_bias_corrected_rms(decay: float = 0.999, eps: float = 1e-8) -> Grad
     check_beta("decay", decay)
     check_non_negative("eps", eps)
 
-    def init(params):
-        return _zeros_state(ScaleByBiasCorrectedRmsState, params, 1)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, ScaleByBiasCorrectedRmsState, "scale_by_bias_corrected_rms")
+    def advance(updates, state):
         (bc,) = _bias_corrections(state.count, decay)
         nu = _ema_of_squares(state.nu, updates, decay, names=("nu", "updates"))
         out = _tree.map(lambda g, v: g / (torch.sqrt(v / bc.to(v.dtype)) + eps), updates, nu)
-        return out, ScaleByBiasCorrectedRmsState(state.count + 1, nu)
+        return out, (nu,)
 
-    return GradientTransformation(init, update)
+    return _moment_block("scale_by_bias_corrected_rms", ScaleByBiasCorrectedRmsState, 1, advance)

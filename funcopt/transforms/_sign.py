@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import EmptyState, GradientTransformation, PyTree, check_state, stable_name
+from funcopt.base import EmptyState, GradientTransformation, PyTree, stable_name
 from funcopt.transforms._common import check_beta
-from funcopt.transforms._moments import _bias_corrections, _ema, _zeros_state
+from funcopt.transforms._moments import _bias_corrections, _ema, _moment_block
 
 __all__ = ["EmaState", "ema", "scale_by_sign"]
 
@@ -46,17 +46,13 @@ def ema(decay: float, debias: bool = True) -> GradientTransformation:
     """
     check_beta("decay", decay)
 
-    def init(params):
-        return _zeros_state(EmaState, params, 1)
-
-    def update(updates, state, params=None, **extra_args):
-        check_state(state, EmaState, "ema")
+    def advance(updates, state):
         new = _ema(state.ema, updates, decay, names=("ema", "updates"))
         if debias:
             (bc,) = _bias_corrections(state.count, decay)
             out = _tree.map(lambda e: e / bc, new)
         else:
             out = new
-        return out, EmaState(state.count + 1, new)
+        return out, (new,)
 
-    return GradientTransformation(init, update)
+    return _moment_block("ema", EmaState, 1, advance)

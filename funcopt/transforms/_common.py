@@ -141,3 +141,12 @@ def _find_states(state: Any, state_type: type, *, nested: bool = False) -> list[
 
     visit(state)
     return found
+
+
+def _missing_value(where: str) -> FuncoptError:
+    """The error of a block whose update reads the loss (``value=``) and was called without it."""
+    return FuncoptError(
+        f"{where} needs the loss at the current params: call `tx.update(grads, state, params, value=loss)` "
+        "(grads, loss = torch.func.grad_and_value(loss_fn)(params) gives both; funcopt.make_step and "
+        "funcopt.apply_gradients(..., value=loss) pass it for you)."
+    )

@@ -21,7 +21,14 @@ from funcopt.base import (
     require_params,
     stable_name,
 )
-from funcopt.transforms._common import _check_range, _scalar_state, check_beta, check_learning_rate, init_count
+from funcopt.transforms._common import (
+    _check_range,
+    _missing_value,
+    _scalar_state,
+    check_beta,
+    check_learning_rate,
+    init_count,
+)
 
 __all__ = ["ScaleByMomoState", "scale_by_momo"]
 
@@ -43,10 +50,7 @@ class ScaleByMomoState(NamedTuple):
 
 def _loss_value(value: Any, like: torch.Tensor) -> torch.Tensor:
     if value is None:
-        raise FuncoptError(
-            "momo needs the loss at the current params: call tx.update(grads, state, params, value=loss) "
-            "(e.g. grads, loss = torch.func.grad_and_value(loss_fn)(params) gives both)."
-        )
+        raise _missing_value("momo")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise FuncoptError(

@@ -9,19 +9,12 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import EmptyState, FuncoptError, GradientTransformation
-from funcopt.transforms._common import _check_range, check_non_negative
+from funcopt.transforms._common import _check_range, _missing_value, check_non_negative
 
 __all__ = ["scale_by_polyak"]
 
 _VARIANTS = ("sps", "sps+")
 _FLOAT64_EPS = torch.finfo(torch.float64).eps  # optax compares with jnp.finfo(float).eps
-
-
-def _missing_value(where: str) -> FuncoptError:
-    return FuncoptError(
-        f"{where} needs the loss at the current params: call `tx.update(grads, state, params, value=loss)` "
-        "(funcopt.make_step and funcopt.apply_gradients(..., value=loss) pass it for you)."
-    )
 
 
 def scale_by_polyak(

@@ -12,7 +12,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, stable_name
-from funcopt.transforms._common import _check_range, check_beta
+from funcopt.transforms._common import _check_range, _value_at, check_beta
 from funcopt.transforms._moments import _bias_corrections, _check_moment_args, _ema, _ema_of_squares, _moment_block
 
 __all__ = ["ScaleByAdemamixState", "scale_by_ademamix"]
@@ -54,8 +54,8 @@ def scale_by_ademamix(
         _check_range("alpha", alpha)
 
     def advance(updates, state):
-        c_b3 = b3(state.count) if callable(b3) else b3
-        c_alpha = alpha(state.count) if callable(alpha) else alpha
+        c_b3 = _value_at(b3, state.count)
+        c_alpha = _value_at(alpha, state.count)
         m1 = _ema(state.m1, updates, b1, names=("m1", "updates"))
         m2 = _ema(state.m2, updates, c_b3)
         nu = _ema_of_squares(state.nu, updates, b2)

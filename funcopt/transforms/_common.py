@@ -101,6 +101,11 @@ def _float_step(count: torch.Tensor) -> torch.Tensor:
     return (count + 1).to(torch.float64)
 
 
+def _value_at(value: Any, count: torch.Tensor) -> Any:
+    """A hyperparameter at the step ``count``: ``value(count)`` for a schedule, else ``value``."""
+    return value(count) if callable(value) else value
+
+
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: Any) -> torch.Tensor:
     """``torch.lerp`` whose tensor weight is cast to the leaf dtype (a batched float64
     hyperparameter under ``vmap`` next to float32 params would otherwise be rejected)."""

@@ -27,6 +27,7 @@ from funcopt.transforms._common import (
     _check_range,
     _float_step,
     _scalar_state,
+    _value_at,
     check_beta,
     check_learning_rate,
     check_non_negative,
@@ -116,7 +117,7 @@ def scale_by_prodigy(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByProdigyState, "scale_by_prodigy")
         require_params(params, "scale_by_prodigy")
-        sched = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        sched = _value_at(learning_rate, state.count)
         step = _float_step(state.count)
         d = state.estim_lr
         dlr = d * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
@@ -195,7 +196,7 @@ def scale_by_dadapt_adam(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByDadaptAdamState, "scale_by_dadapt_adam")
         require_params(params, "scale_by_dadapt_adam")
-        sched = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        sched = _value_at(learning_rate, state.count)
         step = _float_step(state.count)
         dlr = state.estim_lr * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
         weighted = _tree.map(lambda s, v: _wide(s) / (torch.sqrt(_wide(v)) + eps), state.grad_sum, state.exp_avg_sq)

@@ -24,6 +24,7 @@ from funcopt.base import (
 from funcopt.transforms._common import (
     _check_range,
     _float_step,
+    _value_at,
     check_learning_rate,
     check_non_negative,
     init_count,
@@ -212,7 +213,7 @@ def scale_by_relative_step_size(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByScheduleState, "scale_by_relative_step_size")
         require_params(params, "scale_by_relative_step_size")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = _value_at(learning_rate, state.count)
         if isinstance(lr, torch.Tensor):
             lr = lr.to(torch.float64)
         else:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _find_states, first_device
+from funcopt.transforms._common import _find_states, _value_at, first_device
 
 __all__ = [
     "InjectHyperparamsState",
@@ -106,7 +106,7 @@ def inject_hyperparams(
             device = first_device(params)
             count = torch.zeros((), dtype=torch.int64, device=device)
             hparams = {
-                k: _as_tensor(v(count) if callable(v) else v, device) for k, v in numeric.items()
+                k: _as_tensor(_value_at(v, count), device) for k, v in numeric.items()
             }
             inner = optimizer_factory(**static, **hparams)
             return InjectHyperparamsState(count, hparams, inner.init(params))

@@ -12,7 +12,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import GradientTransformation, PyTree, ScalarOrSchedule, check_state, require_params, stable_name
-from funcopt.transforms._common import check_beta, check_learning_rate, check_non_negative, init_count
+from funcopt.transforms._common import _value_at, check_beta, check_learning_rate, check_non_negative, init_count
 
 __all__ = ["ScaleByMadgradState", "scale_by_madgrad"]
 
@@ -53,7 +53,7 @@ def scale_by_madgrad(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByMadgradState, "scale_by_madgrad")
         require_params(params, "scale_by_madgrad")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        lr = _value_at(learning_rate, state.count)
         lam = (lr + eps) * torch.sqrt((state.count + 1).to(torch.float64))
         grad_sum_sq = _tree.map(
             lambda a, g: a + lam.to(g.dtype) * (g * g), state.grad_sum_sq, updates, names=("grad_sum_sq", "updates")

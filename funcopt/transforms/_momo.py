@@ -25,6 +25,7 @@ from funcopt.transforms._common import (
     _check_range,
     _missing_value,
     _scalar_state,
+    _value_at,
     check_beta,
     check_learning_rate,
     init_count,
@@ -102,7 +103,7 @@ def scale_by_momo(
         gamma = bt * state.gamma + (1 - bt) * _tree.vdot(updates, params)
         norm_sq = _tree.sum_squares(exp_avg)
         iprod = _tree.vdot(exp_avg, params)
-        alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        alpha = _value_at(learning_rate, state.count)
         shrink = 1 + alpha * weight_decay
         if adapt_lower_bound:
             cap = shrink * (barf - gamma) + iprod

@@ -25,6 +25,7 @@ from funcopt.transforms._common import (
     _check_range,
     _find_states,
     _scalar_state,
+    _value_at,
     check_beta,
     check_learning_rate,
     check_non_negative,
@@ -111,7 +112,7 @@ def schedule_free(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScheduleFreeState, "schedule_free")
         require_params(params, "schedule_free")
-        lr = learning_rate(state.count + 1) if callable(learning_rate) else learning_rate
+        lr = _value_at(learning_rate, state.count + 1)
         max_lr = torch.maximum(state.max_lr, torch.as_tensor(lr, dtype=state.max_lr.dtype, device=state.max_lr.device))
         weight = max_lr**weight_lr_power
         weight_sum = state.weight_sum + weight

@@ -24,6 +24,7 @@ from funcopt.base import (
 from funcopt.transforms._common import (
     _check_range,
     _find_states,
+    _value_at,
     check_learning_rate,
     check_non_negative,
     first_device,
@@ -327,7 +328,7 @@ def scale_by_asgd(
     _check_range("t0", t0)
 
     def lr_at(count):
-        return learning_rate(count) if callable(learning_rate) else learning_rate
+        return _value_at(learning_rate, count)
 
     def init(params):
         count = init_count(params)

@@ -50,12 +50,35 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_betas(name: str, betas) -> tuple:
+def _check_args(name: str, learning_rate, betas, eps, estim_lr0, weight_decay) -> tuple:
+    """Validates the hyperparameters both blocks take; returns ``betas``, the pair ``(b1, b2)``."""
+    check_learning_rate(learning_rate)
     if not (isinstance(betas, tuple) and len(betas) == 2):
         raise FuncoptError(f"{name}: betas must be a tuple (b1, b2), got {betas!r}.")
     check_beta("betas[0]", betas[0])
     check_beta("betas[1]", betas[1])
+    check_non_negative("eps", eps)
+    _check_range("estim_lr0", estim_lr0, 0.0, low_open=True)
+    check_non_negative("weight_decay", weight_decay)
     return betas
+
+
+def _init_state(state_type: type, params: PyTree, estim_lr0: float, *params_copies: PyTree):
+    """``state_type(count, exp_avg, exp_avg_sq, grad_sum, *params_copies, estim_lr, numerator_weighted)``:
+    zero moments and sum, the distance estimate at ``estim_lr0``, a zero weighted numerator."""
+    count = init_count(params)
+    zeros = _tree.zeros_like
+    return state_type(
+        count, zeros(params), zeros(params), zeros(params), *params_copies,
+        _scalar_state(estim_lr0, count), _scalar_state(0.0, count),
+    )
+
+
+def _step_size(state, learning_rate, b1: float, b2: float) -> torch.Tensor:
+    """``dlr = d * learning_rate * sqrt(1 - b2**t) / (1 - b1**t)``: Adam's bias-corrected step
+    size times the distance estimate ``d`` (``state.estim_lr``), at the 1-based step ``t``."""
+    step = _float_step(state.count)
+    return state.estim_lr * _value_at(learning_rate, state.count) * ((1 - b2**step) ** 0.5 / (1 - b1**step))
 
 
 @stable_name("funcopt.ScaleByProdigyState")
@@ -97,30 +120,19 @@ def scale_by_prodigy(
     References: Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
     Learner", 2023, arXiv 2306.06101.
     """
-    check_learning_rate(learning_rate)
-    b1, b2 = _check_betas("scale_by_prodigy", betas)
+    b1, b2 = _check_args("scale_by_prodigy", learning_rate, betas, eps, estim_lr0, weight_decay)
     b3 = b2**0.5 if beta3 is None else beta3
     check_beta("beta3", b3)
-    check_non_negative("eps", eps)
-    _check_range("estim_lr0", estim_lr0, 0.0, low_open=True)
     check_non_negative("estim_lr_coef", estim_lr_coef)
-    check_non_negative("weight_decay", weight_decay)
 
     def init(params):
-        count = init_count(params)
-        zeros = _tree.zeros_like
-        return ScaleByProdigyState(
-            count, zeros(params), zeros(params), zeros(params), _tree.map(torch.clone, params),
-            _scalar_state(estim_lr0, count), _scalar_state(0.0, count),
-        )
+        return _init_state(ScaleByProdigyState, params, estim_lr0, _tree.map(torch.clone, params))
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByProdigyState, "scale_by_prodigy")
         require_params(params, "scale_by_prodigy")
-        sched = _value_at(learning_rate, state.count)
-        step = _float_step(state.count)
         d = state.estim_lr
-        dlr = d * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
+        dlr = _step_size(state, learning_rate, b1, b2)
         dg = _tree.map(lambda g: (d * g).to(g.dtype), updates)
         numerator = _tree.vdot(updates, _tree.map(lambda p0, p: p0 - p, state.params0, params))
         exp_avg = _tree.map(lambda m, x: b1 * m + (1 - b1) * x, state.exp_avg, dg, names=("exp_avg", "updates"))
@@ -179,26 +191,16 @@ def scale_by_dadapt_adam(
     References: Defazio & Mishchenko, "Learning-Rate-Free Learning by D-Adaptation", ICML 2023,
     arXiv 2301.07733.
     """
-    check_learning_rate(learning_rate)
-    b1, b2 = _check_betas("scale_by_dadapt_adam", betas)
-    check_non_negative("eps", eps)
-    _check_range("estim_lr0", estim_lr0, 0.0, low_open=True)
-    check_non_negative("weight_decay", weight_decay)
+    b1, b2 = _check_args("scale_by_dadapt_adam", learning_rate, betas, eps, estim_lr0, weight_decay)
     sb2 = b2**0.5
 
     def init(params):
-        count = init_count(params)
-        zeros = _tree.zeros_like
-        return ScaleByDadaptAdamState(
-            count, zeros(params), zeros(params), zeros(params), _scalar_state(estim_lr0, count), _scalar_state(0.0, count)
-        )
+        return _init_state(ScaleByDadaptAdamState, params, estim_lr0)
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByDadaptAdamState, "scale_by_dadapt_adam")
         require_params(params, "scale_by_dadapt_adam")
-        sched = _value_at(learning_rate, state.count)
-        step = _float_step(state.count)
-        dlr = state.estim_lr * sched * ((1 - b2**step) ** 0.5 / (1 - b1**step))
+        dlr = _step_size(state, learning_rate, b1, b2)
         weighted = _tree.map(lambda s, v: _wide(s) / (torch.sqrt(_wide(v)) + eps), state.grad_sum, state.exp_avg_sq)
         numerator = _tree.vdot(updates, weighted)
         exp_avg = _tree.map(

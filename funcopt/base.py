@@ -104,7 +104,6 @@ class EmptyState(NamedTuple):
 
 
 def _init_empty(params: PyTree) -> EmptyState:
-    del params
     return EmptyState()
 
 
@@ -112,7 +111,6 @@ def identity() -> GradientTransformation:
     """A transformation that returns the updates unchanged (``optax.identity``)."""
 
     def update(updates, state, params=None, **extra_args):
-        del params, extra_args
         return updates, state
 
     return GradientTransformation(_init_empty, update)
@@ -125,9 +123,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     given to ``update`` are passed to every member. The outermost chain checks its inputs
     (:func:`check_update_inputs`); given back the state its last update returned (it keeps a
     reference to it) with gradients and params like the last ones, it compares only those.
-
-    Example:
-        >>> tx = chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))
+    Example: ``chain(clip_by_global_norm(1.0), scale_by_adam(), scale_by_learning_rate(1e-3))``.
     """
     for i, t in enumerate(transforms):
         if not isinstance(t, GradientTransformation):
@@ -179,8 +175,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         finally:
             _OUTERMOST.depth = 0
 
-    if head:
-        update._funcopt_batched_updates = True  # type: ignore[attr-defined]
+    update._funcopt_batched_updates = bool(head)  # type: ignore[attr-defined]
     return GradientTransformation(init, update)
 
 
@@ -222,12 +217,9 @@ class _Nesting(threading.local):
 
 _OUTERMOST = _Nesting()
 _FLOATING = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128))
-# init function -> {(state spec, grads spec, grad shapes): expected state shapes}. Keyed by the
-# init itself: two optimizers with the same state types can build different shapes (L-BFGS's
-# memory_size), and a weak key lets the entry go with the transformation.
-_EXPECTED_STATE: weakref.WeakKeyDictionary[Callable[..., Any], dict[tuple[Any, Any, Any], Any]] = (
-    weakref.WeakKeyDictionary()
-)
+# init -> {(state spec, grads spec, grad shapes): expected state shapes}; per init (L-BFGS's memory_size
+# changes the shapes, not the types), weakly keyed so that the entry goes with the transformation.
+_EXPECTED_STATE: weakref.WeakKeyDictionary[Callable[..., Any], dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
 def check_update_inputs(
@@ -279,10 +271,10 @@ def check_update_inputs(
     except TypeError:  # an init that cannot be weakly referenced: no memo
         known = {}
     expected = known.get(key)
-    if expected is None:
+    if expected is None and len(known) < 64:
+        expected = known[key] = _expected_state_shapes(init, g, g_spec, s)
+    elif expected is None:
         expected = _expected_state_shapes(init, g, g_spec, s)
-        if len(known) < 64:
-            known[key] = expected
     if expected and [s[i].shape for i in expected[0]] != expected[1]:
         for i, shape in zip(*expected):
             if s[i].shape != shape:
@@ -295,20 +287,17 @@ def check_update_inputs(
 
 
 def _fits(updates: PyTree, params: PyTree | None, memo: tuple[Any, ...]) -> bool:
-    """Whether ``updates`` and ``params`` are plain tensors like a checked step's and the state
-    ``memo`` keeps (the one that step returned) still holds the same buffers."""
+    """Whether ``updates``, ``params`` are like a checked step's and the state it returned holds the same buffers."""
     _, spec, getter, shapes, dtypes, held = memo
-    if getter is not None and type(updates) is dict is type(params) and len(updates) == len(params) == len(shapes):
-        try:
+    try:
+        if getter is not None and type(updates) is dict is type(params) and len(updates) == len(params) == len(shapes):
             g, p = getter(updates), getter(params)
-        except KeyError:
+        elif params is None or not (g := optree.tree_flatten(updates))[1] == spec == (p := optree.tree_flatten(params))[1]:
             return False
-    elif params is None:
+        else:
+            g, p = g[0], p[0]
+    except KeyError:
         return False
-    else:
-        (g, g_spec), (p, p_spec) = optree.tree_flatten(updates, none_is_leaf=False), optree.tree_flatten(params, none_is_leaf=False)
-        if not g_spec == spec == p_spec:
-            return False
     return (
         set(map(type, g)) <= _PLAIN_TENSORS >= set(map(type, p))
         and list(map(_SHAPE, g)) == shapes == list(map(_SHAPE, p))
@@ -327,17 +316,14 @@ def _memo(state: OptState, updates: PyTree, memo: tuple[Any, ...]) -> tuple[Any,
                 held.append((v, list(v.values())))
             elif not (type(v) in _PLAIN_TENSORS or v is None or type(v) in (int, float, bool) or v == ()):
                 return None
-    getter, flat = memo[2], type(updates) is dict and memo[1].num_nodes == len(updates) + 1 > 2
-    getter = getter or (operator.itemgetter(*[k[0] for k in optree.tree_paths(updates)]) if flat else None)
+    flat = type(updates) is dict and memo[1].num_nodes == len(updates) + 1 > 2
+    getter = memo[2] or (operator.itemgetter(*[k[0] for k in optree.tree_paths(updates)]) if flat else None)
     return (state, memo[1], getter, memo[3], memo[4], held)
 
 
-def _expected_state_shapes(
-    init: Callable[[PyTree], OptState], g: list[torch.Tensor], g_spec: Any, s: list[Any]
-) -> tuple[list[int], list[torch.Size]]:
-    """The positions and shapes of the state leaves that ``init`` builds with at least one
-    dimension for params shaped like ``g`` (run on meta tensors: no memory, no compute); empty
-    where ``init`` cannot run on meta tensors or builds another structure (nothing is checked)."""
+def _expected_state_shapes(init: Callable[[PyTree], OptState], g: list[Any], g_spec: Any, s: list[Any]) -> tuple[list, list]:
+    """Positions and shapes of the state leaves ``init`` builds with at least one dimension for params like ``g``
+    (on meta tensors: no memory, no compute); empty where ``init`` fails there or builds another structure."""
     try:
         meta = optree.tree_unflatten(g_spec, [torch.empty(x.shape, dtype=x.dtype, device="meta") for x in g])
         built, spec = optree.tree_flatten(init(meta), none_is_leaf=False)
@@ -345,8 +331,7 @@ def _expected_state_shapes(
         return [], []
     if len(built) != len(s):
         return [], []
-    tensors = [isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim >= 1 for x, y in zip(built, s)]
-    where = [i for i, t in enumerate(tensors) if t]
+    where = [i for i, (x, y) in enumerate(zip(built, s)) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.ndim]
     return where, [built[i].shape for i in where]
 
 
@@ -354,11 +339,9 @@ def _raise_bad_gradient(params: PyTree, i: int, p: torch.Tensor, g: torch.Tensor
     path = _tree.paths(params)[i]
     if p.shape != g.shape:
         if after:
-            raise FuncoptError(
-                f"update: the update at {path} returned by the chain's first {after} member(s), which take "
-                f"per-example gradients, has shape {tuple(g.shape)} but the parameter has {tuple(p.shape)}: "
-                "pass per-example gradients with one leading batch axis, (batch, *param_shape)."
-            )
+            raise FuncoptError(f"update: the update at {path} returned by the chain's first {after} member(s), which "
+                               f"take per-example gradients, has shape {tuple(g.shape)} but the parameter has "
+                               f"{tuple(p.shape)}: pass per-example gradients shaped (batch, *param_shape).")
         raise FuncoptError(
             f"update: the gradient at {path} has shape {tuple(g.shape)} but the parameter has {tuple(p.shape)}. funcopt "
             "never broadcasts a gradient: were the gradients computed for these params (same model, the batch "

@@ -9,13 +9,12 @@ stateless, pure and branch-free on tensor values (``vmap``/``grad`` friendly).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import EmptyState, FuncoptError, GradientTransformation, PyTree, require_params
-from funcopt.transforms._common import _check_range
+from funcopt.base import FuncoptError, GradientTransformation, PyTree, require_params
+from funcopt.transforms._common import _check_range, _init_empty
 
 __all__ = [
     "adaptive_grad_clip",
@@ -26,10 +25,6 @@ __all__ = [
     "unitwise_norm",
     "per_example_global_norm_clip",
 ]
-
-
-def _init_empty(params: Any) -> EmptyState:
-    return EmptyState()
 
 
 def _abs_sq(x: torch.Tensor) -> torch.Tensor:

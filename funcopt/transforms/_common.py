@@ -13,6 +13,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import (
+    EmptyState,
     FuncoptError,
     PyTree,
 )
@@ -81,6 +82,11 @@ def check_learning_rate(value: Any) -> None:
         )
     if not callable(value):
         _check_range("learning_rate", value, 0.0)
+
+
+def _init_empty(params: PyTree) -> EmptyState:
+    """The ``init`` of a stateless block."""
+    return EmptyState()
 
 
 def first_device(params: PyTree) -> torch.device:

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 
 from funcopt import tree as _tree
 from funcopt.base import (
-    EmptyState,
     FuncoptError,
     GradientTransformation,
     OptState,
@@ -29,6 +28,7 @@ from funcopt.base import (
     check_state,
     stable_name,
 )
+from funcopt.transforms._common import _init_empty
 from funcopt.transforms._labels import MaskOrFn, _merge, _resolve_labels, _resolve_mask, _select, _zip_map
 
 __all__ = [
@@ -48,13 +48,10 @@ __all__ = [
 def set_to_zero() -> GradientTransformation:
     """Replaces every update by zeros (``optax.set_to_zero``); use it to freeze leaves."""
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         return _tree.zeros_like(updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 @stable_name("funcopt.MaskedState")

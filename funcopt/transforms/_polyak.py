@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import EmptyState, FuncoptError, GradientTransformation
-from funcopt.transforms._common import _check_range, _missing_value, check_non_negative
+from funcopt.base import FuncoptError, GradientTransformation
+from funcopt.transforms._common import _check_range, _init_empty, _missing_value, check_non_negative
 
 __all__ = ["scale_by_polyak"]
 
@@ -38,9 +38,6 @@ def scale_by_polyak(
     check_non_negative("max_learning_rate", max_learning_rate)
     check_non_negative("eps", eps)
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, *, value=None, **extra_args):
         if value is None:
             raise _missing_value("scale_by_polyak")
@@ -58,7 +55,7 @@ def scale_by_polyak(
         )
         return _tree.map(lambda u: u * step.to(u.dtype), updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 def _promoted_dtype(leaves: list[torch.Tensor]) -> torch.dtype:

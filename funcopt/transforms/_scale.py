@@ -22,6 +22,7 @@ from funcopt.base import (
 )
 from funcopt.transforms._common import (
     _check_range,
+    _init_empty,
     init_count,
     _is_number,
     is_python_zero,
@@ -57,13 +58,10 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """Multiplies updates by a constant ``step_size`` (``optax.scale``)."""
     _check_range("step_size", step_size)
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         return _tree.map(lambda u: u * step_size, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], Any]) -> GradientTransformation:
@@ -194,9 +192,6 @@ def scale_by_trust_ratio(
     check_non_negative("min_norm", min_norm)
     check_non_negative("eps", eps)
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         require_params(params, "scale_by_trust_ratio")
 
@@ -209,20 +204,17 @@ def scale_by_trust_ratio(
 
         return _tree.map(_scale, updates, params, names=("updates", "params")), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 def clip(max_delta: float) -> GradientTransformation:
     """Clamps every update element to ``[-max_delta, max_delta]`` (``optax.clip``)."""
     _check_range("max_delta", max_delta, 0.0)
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         return _tree.map(lambda u: torch.clamp(u, -max_delta, max_delta), updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -233,12 +225,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """
     _check_range("max_norm", max_norm, 0.0, low_open=True)
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         g_norm = _tree.norm(updates)
         factor = max_norm / torch.clamp(g_norm, min=max_norm)
         return _tree.map(lambda u: u * factor, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)

@@ -10,8 +10,8 @@ from typing import NamedTuple
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import EmptyState, GradientTransformation, PyTree, stable_name
-from funcopt.transforms._common import check_beta
+from funcopt.base import GradientTransformation, PyTree, stable_name
+from funcopt.transforms._common import _init_empty, check_beta
 from funcopt.transforms._moments import _bias_corrections, _ema, _moment_block
 
 __all__ = ["EmaState", "ema", "scale_by_sign"]
@@ -21,13 +21,10 @@ def scale_by_sign() -> GradientTransformation:
     """Replaces each element of the updates by its sign (-1, 0 or 1), as ``optax.scale_by_sign``
     (Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018)."""
 
-    def init(params):
-        return EmptyState()
-
     def update(updates, state, params=None, **extra_args):
         return _tree.map(torch.sign, updates), state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(_init_empty, update)
 
 
 @stable_name("funcopt.EmaState")

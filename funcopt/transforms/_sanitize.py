@@ -14,7 +14,6 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import (
-    EmptyState,
     FuncoptError,
     GradientTransformation,
     OptState,
@@ -23,7 +22,7 @@ from funcopt.base import (
     require_params,
     stable_name,
 )
-from funcopt.transforms._common import init_count
+from funcopt.transforms._common import _init_empty, init_count
 from funcopt.transforms._conditional import _tree_select
 
 __all__ = [
@@ -72,7 +71,7 @@ def keep_params_nonnegative() -> GradientTransformation:
         out = _tree.map(lambda u, p: torch.where(p + u < 0.0, -p, u), updates, params, names=("updates", "params"))
         return out, state
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return GradientTransformation(_init_empty, update)
 
 
 def _any_tensor(updates: PyTree) -> torch.Tensor:

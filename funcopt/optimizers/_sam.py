@@ -32,7 +32,7 @@ from funcopt.base import (
     chain,
     stable_name,
 )
-from funcopt.transforms import first_device, normalize, scale
+from funcopt.transforms import init_count, normalize, scale
 
 __all__ = ["SAMState", "sam"]
 
@@ -118,7 +118,7 @@ def sam(
         adv_optimizer = chain(normalize(), scale(-rho))
 
     def init(params):
-        count = torch.zeros((), dtype=torch.int64, device=first_device(params))
+        count = init_count(params)
         cache = None if opaque_mode else _tree.map(torch.clone, params)
         return SAMState(count, optimizer.init(params), adv_optimizer.init(params), cache)
 

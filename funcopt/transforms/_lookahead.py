@@ -23,7 +23,7 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, OptState, PyTree, check_state, require_params, stable_name
-from funcopt.transforms._common import _check_range, _find_states, first_device
+from funcopt.transforms._common import _check_range, _find_states, init_count
 
 __all__ = ["LookaheadParams", "LookaheadState", "lookahead", "lookahead_slow_params"]
 
@@ -103,10 +103,8 @@ def lookahead(
 
     def init(params):
         if isinstance(params, LookaheadParams):
-            count = torch.zeros((), dtype=torch.int64, device=first_device(params.fast))
-            return LookaheadState(fast_optimizer.init(params.fast), count, None)
-        count = torch.zeros((), dtype=torch.int64, device=first_device(params))
-        return LookaheadState(fast_optimizer.init(params), count, _tree.map(torch.clone, params))
+            return LookaheadState(fast_optimizer.init(params.fast), init_count(params.fast), None)
+        return LookaheadState(fast_optimizer.init(params), init_count(params), _tree.map(torch.clone, params))
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, LookaheadState, "lookahead")

@@ -45,6 +45,7 @@ from funcopt.transforms._common import (
     check_non_negative,
     init_count,
 )
+from funcopt.transforms._moments import _ema
 from funcopt.transforms._scale import ScaleByScheduleState
 
 __all__ = ["ScaleByMuonState", "scale_by_muon", "scale_by_muon_learning_rate", "is_hidden_matrix", "MUON_NS_COEFFICIENTS"]
@@ -285,9 +286,7 @@ def scale_by_muon(
     def update(updates, state, params=None, **extra_args):
         check_state(state, ScaleByMuonState, "scale_by_muon")
         _check_matrices(updates, "updates")
-        buf = _tree.map(
-            lambda b, g: _lerp(b, g, 1 - momentum), state.momentum_buffer, updates, names=("momentum_buffer", "updates")
-        )
+        buf = _ema(state.momentum_buffer, updates, momentum, names=("momentum_buffer", "updates"))
         u = _tree.map(lambda g, b: _lerp(g, b, momentum), updates, buf) if nesterov else buf
         return _tree.map(direction, u), ScaleByMuonState(state.count + 1, buf)
 

@@ -12,7 +12,8 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state, stable_name
-from funcopt.transforms._common import _check_range, _lerp, check_beta, check_non_negative, init_count
+from funcopt.transforms._common import _check_range, check_beta, check_non_negative, init_count
+from funcopt.transforms._moments import _ema
 
 __all__ = ["ScaleBySM3State", "scale_by_sm3"]
 
@@ -85,7 +86,7 @@ def scale_by_sm3(b1: float = 0.9, b2: float = 1.0, eps: float = 1e-8) -> Gradien
         scaled = [
             torch.where(a > 0, g * torch.rsqrt(a + eps), torch.zeros_like(g)) for g, a in zip(g_leaves, accs)
         ]
-        nu = _tree.map(lambda n, s: _lerp(n, s, 1 - b1), state.nu, spec.unflatten(scaled), names=("nu", "updates"))
+        nu = _ema(state.nu, spec.unflatten(scaled), b1, names=("nu", "updates"))
         mu = spec.unflatten([new_vectors(a) for a in accs])
         return nu, ScaleBySM3State(state.count + 1, mu, nu)
 

@@ -34,7 +34,8 @@ the S3 MLP (4-1024-1024-3, batch 64), the digits MLP of ``examples/train_step_do
 ``funcopt.grad_and_value``). ``--checks`` times the input checks of ``update`` in a loop that
 passes each state to the next update (where ``chain`` compares only the new gradients and
 params with the last step's) as a ratio to the same loop without them, and the full check
-(``funcopt.base.check_update_inputs``) alone.
+(``funcopt.base.check_update_inputs``) alone. ``--breakdown`` times the pieces of one training
+step alone (gradients, update, apply, pure and donated steps) on the two small MLPs.
 
 Run:
     python benchmarks/bench_step.py            # full run (about 3-6 minutes on 2 cores)
@@ -388,6 +389,69 @@ def run_checks(rounds: int, warmup: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def breakdown_rows(sizes: tuple[int, ...], batch: int) -> list[Row]:
+    """The pieces of one training step on an MLP of ``sizes``, each timed alone (``--breakdown``)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, sizes[0], generator=gen), torch.randint(0, sizes[-1], (batch,), generator=gen)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        return torch.nn.Sequential(*layers[:-1])
+
+    template = build()
+
+    def loss_fn(params, xb, yb):
+        return F.cross_entropy(funcopt.nn.apply(template, params, None, xb), yb)
+
+    m1, m2 = build(), build()
+    o1, o2 = (torch.optim.Adam(m.parameters(), lr=1e-3, fused=True) for m in (m1, m2))
+    F.cross_entropy(m2(x), y).backward()
+    rows = [
+        Row("torch: zero_grad + forward + backward + fused step", lambda: (o1.zero_grad(), F.cross_entropy(m1(x), y).backward(), o1.step())),
+        Row("torch: fused step alone", o2.step),
+    ]
+    p0 = funcopt.nn.extract(build())[0]
+    grad_fns = {"torch.func.grad_and_value": torch.func.grad_and_value(loss_fn)}
+    if hasattr(funcopt, "grad_and_value"):
+        grad_fns["funcopt.grad_and_value"] = funcopt.grad_and_value(loss_fn)
+    for name, fn in grad_fns.items():
+        rows.append(Row(f"gradients: {name}", lambda fn=fn: fn(p0, x, y)))
+    g0 = torch.func.grad_and_value(loss_fn)(p0, x, y)[0]
+    for label, kind in (("tx.update (state passed on)", "update"), ("apply_updates", "apply"),
+                        ("apply_gradients(donate=False)", "pure"), ("apply_gradients(donate=True)", "donated")):
+        tx = funcopt.adam(1e-3)
+        box = {"p": funcopt.nn.extract(build())[0]}
+        box["s"] = tx.init(box["p"])
+        box["u"] = tx.update(g0, box["s"], box["p"])[0]
+
+        def step(tx=tx, box=box, kind=kind):
+            if kind == "update":
+                box["u"], box["s"] = tx.update(g0, box["s"], box["p"])
+            elif kind == "apply":
+                funcopt.apply_updates(box["p"], box["u"])
+            else:
+                box["p"], box["s"] = apply_gradients(tx, g0, box["s"], box["p"], donate=kind == "donated")
+
+        rows.append(Row(f"funcopt: {label}", step))
+    return rows
+
+
+def run_breakdown(rounds: int, warmup: int) -> str:
+    lines = ["### Where one training step's time goes (Adam, batch 64)", "",
+             "| model | piece | median us | ratio to torch's whole step |", "| --- | --- | ---: | ---: |"]
+    for name, sizes in (("MLP 4-1024-1024-3", (4, 1024, 1024, 3)), ("digits MLP 64-256-256-10", (64, 256, 256, 10))):
+        rows = breakdown_rows(sizes, 64)
+        res = _paired(rows, rows[0].name, rounds * 10, warmup * 5)
+        for row in rows:
+            lines.append(f"| {name} | {row.name} | {res[row.name][0] * 1e6:.0f} | {res[row.name][1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, no torch.compile row")
@@ -398,6 +462,7 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--e2e", action="store_true", help="also the end-to-end rows (forward + backward + step)")
     parser.add_argument("--checks", action="store_true", help="also the cost of update's input checks")
+    parser.add_argument("--breakdown", action="store_true", help="also the pieces of one training step, timed alone")
     parser.add_argument("--tune-allocator", action="store_true", help="call funcopt.fast.configure_cpu_allocator() first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -417,6 +482,8 @@ def main() -> None:
         print(run_e2e(rounds, warmup), flush=True)
     if args.checks:
         print(run_checks(rounds, warmup), flush=True)
+    if args.breakdown:
+        print(run_breakdown(rounds, warmup), flush=True)
 
 
 if __name__ == "__main__":

@@ -148,18 +148,6 @@ from funcopt.transforms._scale import (
     scale_by_trust_ratio,
     trace,
 )
-from funcopt.transforms._scale import (
-    ScaleByScheduleState,
-    TraceState,
-    add_decayed_weights,
-    clip,
-    clip_by_global_norm,
-    scale,
-    scale_by_learning_rate,
-    scale_by_schedule,
-    scale_by_trust_ratio,
-    trace,
-)
 
 __all__ = [
     "ScaleByAdamState",

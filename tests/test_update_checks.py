@@ -198,3 +198,24 @@ def test_the_state_shape_memo_is_per_optimizer():
         state = tx.init(params)
         funcopt.chain(tx).update(grads, funcopt.chain(tx).init(params), params)
         tx.update(grads, state, params)
+
+
+def test_inject_hyperparams_fresh_inner_chains_do_not_rebuild_the_state_on_meta(monkeypatch):
+    """inject_hyperparams builds its inner optimizer at every update: the expected state shapes
+    are found once, not on meta tensors at every step, and a foreign state is still refused."""
+    import funcopt.base as base_module
+
+    built = []
+    original = base_module._expected_state_shapes
+    monkeypatch.setattr(base_module, "_expected_state_shapes", lambda *a: built.append(1) or original(*a))
+    tx = funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-2)
+    params = _params(torch.float64)
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    state = tx.init(params)
+    with funcopt.fast.fast_path_enabled(False):  # the reference chain (the fast route plans its own checks)
+        for _ in range(4):
+            _, state = tx.update(grads, state, params)
+        assert len(built) <= 1  # once (or never, where an earlier test saw these shapes)
+        foreign = tx.init({"w": torch.zeros(1, 3, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)})
+        with pytest.raises(funcopt.FuncoptError, match=r"state's leaf .*\['w'\] has shape \(1, 3\)"):
+            tx.update(grads, foreign, params)

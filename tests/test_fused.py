@@ -369,7 +369,7 @@ def test_bias_corrections_as_device_tensors_match_the_float_path(monkeypatch, dt
         "optimistic_adam_v2_plain": lambda: funcopt.optimistic_adam_v2(1e-2, nesterov=False),
     }
     params = nested_params(dtype)
-    for name, make in factories.items():
+    for make in factories.values():
         floats = _run(make(), params, 4, fast=True)
         with monkeypatch.context() as m:
             m.setattr(_optax_adam, "SCALAR_STEP_DEVICES", set())

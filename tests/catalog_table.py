@@ -36,7 +36,7 @@ OTHER_ORACLES = {
 }
 # Why an optimizer's figure is what it is, where the oracle cell alone would mislead.
 NOTES = {
-    "muon": "on the 2-D leaves (torch.optim.Muon takes matrices only)",
+    "muon": "on the 2-D leaves, the only ones it takes",
     "noisy_sgd": "with the noise off; the noise's law in tests/test_catalog_aliases.py",
     "schedule_free_adamw": "optax evaluates its warmup in float32 (1e-9 with a float64 warmup on both sides); "
     "also against the schedulefree package",

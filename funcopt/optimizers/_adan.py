@@ -6,9 +6,9 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import Mask, build, finish
+from funcopt.optimizers._common import Mask, build, decay_weights, finish
 from funcopt.optimizers._optax_adam import bias_corrections
-from funcopt.transforms import add_decayed_weights, is_python_zero, scale_by_adan, scale_by_learning_rate
+from funcopt.transforms import scale_by_adan, scale_by_learning_rate
 
 __all__ = ["adan"]
 
@@ -76,6 +76,6 @@ def adan(
     """
     return build(
         scale_by_adan(b1, b2, b3, eps, eps_root),
-        None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

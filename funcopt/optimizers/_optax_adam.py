@@ -13,10 +13,8 @@ import torch
 
 from funcopt.base import GradientTransformation, ScalarOrSchedule
 from funcopt.fast import FastRoute, KernelCall, declare
-from funcopt.optimizers._common import Mask, build, finish
+from funcopt.optimizers._common import Mask, build, decay_weights, finish, lerp_buffer
 from funcopt.transforms import (
-    add_decayed_weights,
-    is_python_zero,
     scale_by_adamax,
     scale_by_amsgrad,
     scale_by_belief,
@@ -26,20 +24,6 @@ from funcopt.transforms import (
 )
 
 __all__ = ["adabelief", "amsgrad", "adamaxw", "nadamw", "yogi"]
-
-
-def _decoupled(weight_decay, mask):
-    return None if is_python_zero(weight_decay) else add_decayed_weights(weight_decay, mask)
-
-
-def _ema_(call: KernelCall, name: str, x: list[torch.Tensor], weight: float) -> list[torch.Tensor]:
-    """``bufs[name] = lerp(bufs[name], x, weight)``: in place, or a new list where pure."""
-    buf = call.bufs[name]
-    if call.in_place:
-        torch._foreach_lerp_(buf, x, weight)
-        return buf
-    new = call.bufs[name] = torch._foreach_lerp(buf, x, weight)
-    return new
 
 
 SCALAR_STEP_DEVICES = {"cpu"}  # devices whose step count the kernels read as a Python float
@@ -77,10 +61,10 @@ def _decay_and_finish(call: KernelCall, direction: list[torch.Tensor]) -> list[t
 def _belief_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, g = call.h, call.g
     b1, b2 = h["b1"], h["b2"]
-    mu = _ema_(call, "mu", g, 1 - b1)
+    mu = lerp_buffer(call, "mu", g, 1 - b1)
     dev = torch._foreach_sub(g, mu)
     torch._foreach_mul_(dev, dev)
-    nu = _ema_(call, "nu", dev, 1 - b2)
+    nu = lerp_buffer(call, "nu", dev, 1 - b2)
     torch._foreach_add_(nu, h["eps_root"])
     bc1, bc2 = bias_corrections(call, b1, b2)
     num = _nesterov_numerator(call, mu, g, b1, bc1) if h["nesterov"] else torch._foreach_div(mu, bc1)
@@ -124,8 +108,8 @@ def adabelief(
 def _amsgrad_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, g = call.h, call.g
     b1, b2 = h["b1"], h["b2"]
-    mu = _ema_(call, "mu", g, 1 - b1)
-    nu = _ema_(call, "nu", torch._foreach_mul(g, g), 1 - b2)
+    mu = lerp_buffer(call, "mu", g, 1 - b1)
+    nu = lerp_buffer(call, "nu", torch._foreach_mul(g, g), 1 - b2)
     bc1, bc2 = bias_corrections(call, b1, b2)
     bc1 = bc1 if h["bias_correction_mu"] else 1.0
     bc2 = bc2 if h["bias_correction_nu"] else 1.0
@@ -178,7 +162,7 @@ def amsgrad(
 def _adamaxw_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, g = call.h, call.g
     b1, b2 = h["b1"], h["b2"]
-    mu = _ema_(call, "mu", g, 1 - b1)
+    mu = lerp_buffer(call, "mu", g, 1 - b1)
     abs_g = torch._foreach_abs(g)
     torch._foreach_add_(abs_g, h["eps"])
     decayed = torch._foreach_mul(call.bufs["nu"], b2)
@@ -218,7 +202,7 @@ def adamaxw(
     """
     return build(
         scale_by_adamax(b1, b2, eps),
-        _decoupled(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -226,8 +210,8 @@ def adamaxw(
 def _nadamw_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, g = call.h, call.g
     b1, b2 = h["b1"], h["b2"]
-    mu = _ema_(call, "mu", g, 1 - b1)
-    nu = _ema_(call, "nu", torch._foreach_mul(g, g), 1 - b2)
+    mu = lerp_buffer(call, "mu", g, 1 - b1)
+    nu = lerp_buffer(call, "nu", torch._foreach_mul(g, g), 1 - b2)
     bc1, bc2 = bias_corrections(call, b1, b2)
     num = _nesterov_numerator(call, mu, g, b1, bc1)
     denom = torch._foreach_div(nu, bc2)
@@ -263,7 +247,7 @@ def nadamw(
     """
     return build(
         scale_by_nesterov_adam(b1, b2, eps, eps_root),
-        _decoupled(weight_decay, mask),
+        decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -271,7 +255,7 @@ def nadamw(
 def _yogi_kernel(call: KernelCall) -> list[torch.Tensor]:
     h, g = call.h, call.g
     b1, b2 = h["b1"], h["b2"]
-    mu = _ema_(call, "mu", g, 1 - b1)
+    mu = lerp_buffer(call, "mu", g, 1 - b1)
     g2 = torch._foreach_mul(g, g)
     nu_old = call.bufs["nu"]
     step = torch._foreach_sub(nu_old, g2)

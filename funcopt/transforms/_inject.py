@@ -59,13 +59,15 @@ def inject_hyperparams(
     defaults) as a 0-dim tensor in ``state.hyperparams``. A callable argument is a schedule,
     evaluated at the step count before each update (the k-th update uses ``schedule(k - 1)``,
     exactly as the un-injected optimizer does). Integers, booleans, strings and the names in
-    ``static_args`` stay static Python values (pass ``1.0``, not ``1``, to inject a value).
+    ``static_args`` stay static Python values, as do ``mask`` and every ``*_mask`` argument
+    (masks may be functions of the params, never schedules); pass ``1.0``, not ``1``, to
+    inject a value.
 
     Results equal the un-injected optimizer's: bitwise in float64.
 
     Args:
         optimizer_factory: a function returning a ``GradientTransformation``, e.g. ``funcopt.adam``.
-        static_args: argument names never injected (default: ``mask``, which may be a callable).
+        static_args: more argument names never injected (``mask`` and ``*_mask`` never are).
         hyperparam_dtype: dtype of the hyperparameter tensors; float64 by default (float32 on MPS).
 
     Example:
@@ -73,8 +75,9 @@ def inject_hyperparams(
         >>> state = tx.init(params)
         >>> state = funcopt.set_hyperparams(state, learning_rate=0.01)
     """
-    static_names = set(static_args)
     signature = inspect.signature(optimizer_factory)
+    masks = {k for k in signature.parameters if k == "mask" or k.endswith("_mask")}
+    static_names = set(static_args) | masks
     name = getattr(optimizer_factory, "__name__", "optimizer")
 
     def wrapped(*args: Any, **kwargs: Any) -> GradientTransformation:

@@ -3,7 +3,8 @@
 The state is an Adam training state: params + first and second moments (3 x numel/3 float32
 elements, 75M elements = 300 MB by default) split over a few leaves, plus the step count. Each
 round runs every method once, in an interleaved order (reversed every other round), after one
-warm-up round that is not counted; the table reports medians and throughput ratios to
+warm-up round that is not counted, the loads after an ``os.sync()`` that lets the saves'
+writeback finish; the table reports medians and throughput ratios to
 ``safetensors.torch.save_file`` / ``load_file`` measured in the same process (higher is better,
 1.00x = as fast as safetensors). funcopt's save includes its CRC-32s and fsync (durability),
 its load every validation and the CRC-32 check of every tensor. ``save_file`` does not fsync, so
@@ -127,16 +128,21 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in (*saves, *loads)}
     try:
         for r in range(rounds + 1):
-            order = list(saves.items()) + list(loads.items())
+            save_order, load_order = list(saves.items()), list(loads.items())
             if r % 2:
-                order = list(reversed(list(saves.items()))) + list(reversed(list(loads.items())))
-            for name, fn in order:
-                t0 = time.perf_counter()
-                out = fn()
-                dt = time.perf_counter() - t0
-                del out
-                if r > 0:
-                    times[name].append(dt)
+                save_order.reverse()
+                load_order.reverse()
+            for phase in (save_order, load_order):
+                # let the saves' writeback finish before the loads (save_file does not fsync), so
+                # that it does not run on the CPUs in the background of the loads
+                os.sync()
+                for name, fn in phase:
+                    t0 = time.perf_counter()
+                    out = fn()
+                    dt = time.perf_counter() - t0
+                    del out
+                    if r > 0:
+                        times[name].append(dt)
     finally:
         if args.dir is None:
             shutil.rmtree(directory, ignore_errors=True)

@@ -239,6 +239,8 @@ def test_threaded_crc_equals_zlib_and_big_tensors_round_trip(tmp_path):
     big = torch.randn(2 * CHUNK // 4 + 13, generator=rng)  # three chunks, the last one short
     view = memoryview(big.numpy()).cast("B")
     assert crc32(view) == crc32_async(view)() == zlib.crc32(view)
+    for start in (1, 3, 4097):  # unaligned starts and odd lengths, as slices of a mapped file are
+        assert crc32(view[start:-start]) == zlib.crc32(view[start:-start])
     f = tmp_path / "big.safetensors"
     ck.save(f, {"big": big, "small": torch.ones(3)})
     for mmap in (True, False):
@@ -268,3 +270,26 @@ def test_plain_safetensors_with_misaligned_tensors_load_exactly(tmp_path):
         out = ck.load(f, mmap=mmap)
         assert list(out) == ["a", "b"]
         assert torch.equal(out["a"], a) and torch.equal(out["b"], b) and torch.equal(out["b"], reference["b"])
+
+
+def test_files_are_the_same_with_the_zlib_fallback(tmp_path, monkeypatch):
+    # funcopt computes CRC-32 with ISA-L where isal is installed and with zlib elsewhere: the same
+    # bytes on disk either way, and each reads the other's files (corruption still detected)
+    import zlib
+
+    from funcopt.checkpoint import _crc
+
+    default_kernel = _crc.crc32_kernel
+    tree = {"w": torch.randn(3 * _crc.SHARED_CHUNK // 4 + 5), "b": torch.arange(7.0), "step": 3}
+    ck.save(tmp_path / "default.safetensors", tree)
+    monkeypatch.setattr(_crc, "crc32_kernel", zlib.crc32)
+    ck.save(tmp_path / "zlib.safetensors", tree)
+    assert (tmp_path / "default.safetensors").read_bytes() == (tmp_path / "zlib.safetensors").read_bytes()
+    assert torch.equal(ck.load(tmp_path / "default.safetensors")["w"], tree["w"])
+    raw = bytearray((tmp_path / "zlib.safetensors").read_bytes())
+    raw[-100] ^= 1
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    for kernel in (zlib.crc32, default_kernel):
+        monkeypatch.setattr(_crc, "crc32_kernel", kernel)
+        with pytest.raises(CheckpointError, match="fails its checksum"):
+            ck.load(tmp_path / "bad.safetensors")

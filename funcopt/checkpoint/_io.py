@@ -95,7 +95,7 @@ def _alignment(t: torch.Tensor) -> int:
 
 
 def _write_tensors(f: Any, tensors: list[tuple[str, torch.Tensor]], records: dict[str, Any]) -> None:
-    """Writes each tensor's bytes to ``f`` while helper threads compute the CRC-32s (``zlib.crc32`` and
+    """Writes each tensor's bytes to ``f`` while helper threads compute the CRC-32s (the CRC kernel and
     ``write`` both release the GIL); a tensor's CRC may finish while the next tensors are written
     (at most :data:`_IN_FLIGHT` bytes of pending checksums, whose buffers stay alive until then)."""
     pending: deque[tuple[str, Callable[[], int], int]] = deque()
@@ -233,6 +233,11 @@ def save(
 # Loading
 
 
+def _is_meta(device: Any) -> bool:
+    """Whether ``device`` sends every leaf to the meta device (whose data is never read)."""
+    return isinstance(device, (str, torch.device)) and torch.device(device).type == "meta"
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -282,6 +287,8 @@ def load(
         loader = _Loader(reader, device, dtype)
         root = reader.tree
         if paths is None:
+            if not _is_meta(device):
+                reader.check_ahead(root)
             return loader.rebuild(root, "") if like is None else loader.restore(root, like, "")
         single = isinstance(paths, str)
         wanted = [paths] if single else list(paths)
@@ -300,6 +307,8 @@ def load(
                     reader.file,
                 )
             sub_like = like if single else (None if like is None else like[i])
+            if not _is_meta(device):
+                reader.check_ahead(node)
             out.append(loader.rebuild(node, norm) if sub_like is None else loader.restore(node, sub_like, norm))
         return out[0] if single else tuple(out)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from funcopt.checkpoint._crc import crc32
+from funcopt.checkpoint._crc import crc32, crc32_many
 from funcopt.checkpoint._format import _BY_CODE, _CRC_KEY, CheckpointError, dtype_name
 from funcopt.checkpoint._validate import check_document, edit_distance
 
@@ -119,6 +119,7 @@ class Reader:
         self.file = file
         self.verify = verify
         self._map: Any = None
+        self._checked: dict[str, bool] = {}  # key -> CRC matched, for keys checked ahead by check_ahead
         self._f = open_regular(file)
         try:
             self._parse()
@@ -268,11 +269,42 @@ class Reader:
             got += n
         return buf
 
-    def _check(self, view: Any, rec: dict[str, Any], path: str) -> None:
-        if self.verify and "crc32" in rec and f"{crc32(view):08x}" != rec["crc32"]:
+    def _check(self, view: Any, key: str, rec: dict[str, Any], path: str) -> None:
+        if not self.verify or "crc32" not in rec:
+            return
+        ok = self._checked.pop(key) if key in self._checked else f"{crc32(view):08x}" == rec["crc32"]
+        if not ok:
             raise self._fail(
                 f"the data of the leaf at {path or '<root>'} fails its checksum: the file is corrupted. "
                 "Restore an older checkpoint (CheckpointManager keeps several).")
+
+    def check_ahead(self, node: dict[str, Any]) -> None:
+        """Checks the CRC-32s of all mapped tensors under ``node`` (a validated tree node) in one
+        pass on all threads, where checking each as it is read leaves threads idle at the end of
+        each tensor; :meth:`tensor` then reports a failure at the leaf's path, in tree order."""
+        if not self.verify or self._map is None:
+            return
+        keys, stack = [], [node]
+        while stack:
+            n = stack.pop()
+            if n.get("t") == "tensor":
+                keys.append(n["key"])
+            else:
+                stack.extend(n.get("c", ()))
+        spans = []
+        for key in keys:
+            rec, entry = self.records.get(key), self.entries.get(key)
+            if isinstance(rec, dict) and entry is not None and "crc32" in rec:
+                begin, end = entry["data_offsets"]
+                spans.append((key, rec["crc32"], self.data_start + begin, self.data_start + end))
+        with memoryview(self._map) as whole:
+            views = [whole[b:e] for _, _, b, e in spans]
+            try:
+                found = crc32_many(views)
+            finally:
+                for v in views:
+                    v.release()
+        self._checked = {key: f"{value:08x}" == want for (key, want, _, _), value in zip(spans, found)}
 
     def tensor(self, key: str, path: str) -> torch.Tensor:
         """Reads tensor ``key`` into a CPU tensor (mapped or fresh), checking its CRC-32 when ``verify``."""
@@ -285,11 +317,11 @@ class Reader:
             flat = torch.empty(0, dtype=stored)
         elif self._map is None:
             flat = self._read(begin, end, path)
-            self._check(memoryview(flat.numpy()), rec, path)
+            self._check(memoryview(flat.numpy()), key, rec, path)
             flat = flat.view(stored)
         else:
             with memoryview(self._map) as whole, whole[start:start + end - begin] as view:
-                self._check(view, rec, path)
+                self._check(view, key, rec, path)
                 if start % stored.itemsize:  # misaligned data (a foreign file): copy it out
                     flat = torch.frombuffer(bytearray(view), dtype=torch.uint8).view(stored)
                 else:

@@ -293,3 +293,31 @@ def test_files_are_the_same_with_the_zlib_fallback(tmp_path, monkeypatch):
         monkeypatch.setattr(_crc, "crc32_kernel", kernel)
         with pytest.raises(CheckpointError, match="fails its checksum"):
             ck.load(tmp_path / "bad.safetensors")
+
+
+def test_one_pass_check_names_the_damaged_leaf(tmp_path, monkeypatch):
+    # load checks all mapped tensors in one pass of shared chunks before building the tree; a
+    # damaged tensor must still be reported at its own path, other sub-trees stay loadable,
+    # and a meta-device load reads (and checks) nothing
+    import json
+
+    from funcopt.checkpoint import _crc
+
+    monkeypatch.setattr(_crc, "SHARED_CHUNK", 4096)  # many chunks per tensor, tails included
+    g = torch.Generator().manual_seed(0)
+    tree = {"a": torch.randn(5000, generator=g), "b": {"c": torch.randn(3001, generator=g)},
+            "d": torch.randn(7, generator=g)}
+    f = tmp_path / "t.safetensors"
+    ck.save(f, tree)
+    data = bytearray(f.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + header_len])["['b']['c']"]["data_offsets"]
+    data[8 + header_len + end - 3] ^= 0x40  # in the last, short chunk of b.c
+    f.write_bytes(bytes(data))
+    for kwargs in ({}, {"like": tree}, {"mmap": False}):
+        with pytest.raises(CheckpointError, match=r"leaf at \['b'\]\['c'\] fails its checksum"):
+            ck.load(f, **kwargs)
+    assert torch.equal(ck.load(f, paths="a"), tree["a"])
+    a, d = ck.load(f, paths=["a", "d"], like=[tree["a"], tree["d"]])
+    assert torch.equal(a, tree["a"]) and torch.equal(d, tree["d"])
+    assert ck.load(f, device="meta")["b"]["c"].is_meta

@@ -119,3 +119,36 @@ def test_a_declaration_naming_an_unknown_buffer_fails_clearly():
     tx = broken(0.1)
     with pytest.raises(TypeError, match=r"TraceState.momentum_buffer is not among the declared buffers \('velocity',\)"):
         tx.update(grads[0], tx.init(params), params)
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(maximize=True), dict(dampening=0.3, maximize=True)])
+def test_sgd_route_with_an_injected_momentum_of_zero(flags):
+    # an injected momentum keeps the momentum block (and its buffer) even at 0.0, which torch's
+    # _fused_sgd_ refuses: the pure route and the row kernels of a sweep (in place) must still
+    # follow the reference chain, whose buffer is then the (damped) gradient
+    from funcopt.fast import KernelCall, fast_path_of
+
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 2, generator=g, dtype=torch.float64), "b": torch.randn(2, generator=g, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()} for _ in range(3)]
+    tx = funcopt.inject_hyperparams(funcopt.sgd)(learning_rate=0.1, momentum=0.0, weight_decay=0.01, **flags)
+    p_fast, s_fast, p_ref, s_ref = params, tx.init(params), params, tx.init(params)
+    for gr in grads:
+        u, s_fast = tx.update(gr, s_fast, p_fast)
+        p_fast = funcopt.apply_updates(p_fast, u)
+        with fast.fast_path_enabled(False):
+            u, s_ref = tx.update(gr, s_ref, p_ref)
+        p_ref = funcopt.apply_updates(p_ref, u)
+    assert_trees_close(p_fast, p_ref, rtol=1e-12, atol=1e-15)
+    assert_trees_close(s_fast, s_ref, rtol=1e-12, atol=1e-15)
+    # the in-place kernel on buffers the caller owns (what a sweep's row kernels run)
+    inner = funcopt.sgd(torch.tensor(0.1, dtype=torch.float64), momentum=torch.tensor(0.0, dtype=torch.float64),
+                        weight_decay=torch.tensor(0.01, dtype=torch.float64), **flags)
+    fp = fast_path_of(inner)
+    h, lr = fp.python_inputs()
+    p = [params["w"].clone(), params["b"].clone()]
+    buf = [torch.zeros_like(x) for x in p]
+    for t, gr in enumerate(grads):
+        step = torch.tensor(t + 1)
+        fp.route.kernel(KernelCall(h, lr, p, [gr["w"], gr["b"]], {"momentum_buffer": buf}, True, True, step, t == 0))
+    assert_trees_close({"w": p[0], "b": p[1]}, p_ref, rtol=1e-12, atol=1e-15)

@@ -21,12 +21,28 @@ def _sgd_kernel(call: KernelCall) -> list[torch.Tensor]:
     first = buf is not None and call.first
     kwargs = dict(momentum=momentum, lr=lr, dampening=h["dampening"], nesterov=h["nesterov"], is_first_step=first)
     if call.in_place:
+        if buf is not None and momentum == 0.0:
+            # a momentum injected as a tensor keeps its buffer even at 0, which torch's kernel
+            # refuses: the pure path computes the step, written into the caller's buffers
+            fresh = dict(bufs)
+            out = _sgd_kernel(call._replace(in_place=False, write_params=False, bufs=fresh))
+            torch._foreach_copy_(buf, fresh["momentum_buffer"])
+            torch._foreach_add_(p, out)
+            return p
         torch._fused_sgd_(p, g, buf or [], weight_decay=wd, maximize=maximize, **kwargs)
         return p
     if wd:
         g, maximize = fold_l2(g, p, wd, maximize), False
     if buf is None:
         return torch._foreach_mul(g, lr if maximize else -lr)
+    if momentum == 0.0:
+        # an injected momentum of 0 (torch's kernel takes no buffer then): the buffer is the
+        # (damped after the first step) gradient, and the update follows it
+        d = torch._foreach_neg(g) if maximize else g
+        damp = h["dampening"]
+        new_buf = [x.clone() for x in d] if first or damp == 0 else torch._foreach_mul(d, 1.0 - damp)
+        bufs["momentum_buffer"] = new_buf
+        return torch._foreach_mul(d if h["nesterov"] else new_buf, -lr)
     if h["dampening"] == 0 and not h["nesterov"] and not maximize:
         # Two passes instead of the kernel's four (zeroed output, buffer copy, kernel, add):
         # the new buffer g + momentum * buf, then the update -lr * buffer.

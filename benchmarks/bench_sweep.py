@@ -20,12 +20,17 @@ throughput and memory bandwidth measured in the same process.
 steps) against the full sweep on 10 data orders: how often both pick the same best
 configuration (ranked by the final loss on the whole training set), and the compute ratio.
 
+Before the timed runs the imported modules' objects are frozen out of the garbage collector
+(``gc.freeze()``) and each run starts after a ``gc.collect()``, so that a full collection of the
+interpreter's heap (up to 150 ms) does not land at random in one method's time.
+
 Run: ``python benchmarks/bench_sweep.py [--ks 16] [--steps 100] [--repeats 3] [--threads 2] [--model conv] [--halving]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -288,6 +293,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, batches = setup(args.batch, args.steps, args.model)
+    # The objects of the imports (torch, scikit-learn) moved out of the collector's sight: with
+    # them, one full collection took up to 150 ms here and fell at random into one method's run
+    # (measured with gc.callbacks); every method runs under the same collector settings.
+    gc.collect()
+    gc.freeze()
     if args.halving:
         halving(args)
         return
@@ -318,6 +328,7 @@ def main(argv=None):
             fn(configs(1))
         for _ in range(args.repeats):
             for name, fn in methods.items():  # interleaved
+                gc.collect()  # no method pays for the garbage of the one before
                 t0 = time.perf_counter()
                 fn(hp)
                 times[name].append(time.perf_counter() - t0)

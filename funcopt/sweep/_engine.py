@@ -31,8 +31,11 @@ import torch
 
 from funcopt import tree as _tree
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
+from funcopt.sweep._rows import RowKernels
+from funcopt.transforms import inject_hyperparams
 from funcopt.sweep._stacked import (
     init_stacked,
+    select,
     stack_params,
     stack_states,
     stacked_update,
@@ -103,6 +106,7 @@ class _Plan:
     step_reason: str = ""
     columns: bool = False  # the one-buffer layout gives the same steps (columns_agree)
     eval_names: list[str] = field(default_factory=list)
+    factory: Callable[..., GradientTransformation] | None = None  # the optimizer factory swept, if given
 
     def init(self, indices: list[int]) -> tuple[PyTree, PyTree]:
         if self.seeds is None:
@@ -110,6 +114,13 @@ class _Plan:
         else:
             params = init_stacked(self.init_params, [self.seeds[i] for i in indices])
         hp = {n: [v[i] for i in indices] for n, v in self.values.items()}
+        if self.factory is not None:
+            # each configuration's own init: hyperparameters that init reads (rprop's first step
+            # sizes are its learning rate, adagrad's initial accumulator) differ per configuration,
+            # which set_hyperparams on one init would miss
+            states = [inject_hyperparams(self.factory)(**{n: v[j] for n, v in hp.items()}).init(select(params, j))
+                      for j in range(len(indices))]
+            return params, _tree.stack(states)
         return params, stack_states(self.tx, params, hp)
 
     def evaluate(self, params: PyTree) -> dict[str, torch.Tensor]:
@@ -237,18 +248,31 @@ def columns_agree(tx: GradientTransformation, params: PyTree, state: PyTree, ste
     return True
 
 
+def row_kernels(plan: _Plan, params: PyTree, state: PyTree, indices: list[int]) -> RowKernels | None:
+    """The per-configuration row kernels of ``plan`` on stacked ``params``/``state`` (configurations
+    ``indices``) in the one-buffer layout, or None where they do not apply."""
+    layout = _Columns.of(params)
+    flat_state = None if layout is None else layout.state_to_columns(state)
+    if flat_state is None:
+        return None
+    return RowKernels.of(plan.factory, plan.values, indices, flat_state, layout.pack(params), _KEY)
+
+
 class _Stepper:
     """One sweep step at a time on K stacked configurations, in the fastest valid layout."""
 
-    def __init__(self, plan: _Plan, params: PyTree, state: PyTree):
+    def __init__(self, plan: _Plan, params: PyTree, state: PyTree, indices: list[int]):
         self.plan = plan
         self.layout = _Columns.of(params) if plan.step_mode == "stacked" and plan.columns else None
         flat_state = None if self.layout is None else self.layout.state_to_columns(state)
         if flat_state is None:
             self.layout = None
+        self.rows: RowKernels | None = None
         if self.layout is not None:
             self.flat = self.layout.pack(params)
             self.state = flat_state
+            # the engine owns these buffers (pack copies): the row kernels may write them in place
+            self.rows = RowKernels.of(plan.factory, plan.values, indices, flat_state, self.flat, _KEY)
         else:
             self.tree, self.state = params, state
         self.k = _tree.leaves(params)[0].shape[0]
@@ -301,7 +325,9 @@ class _Stepper:
         grads, loss = self._grads(batch)
         step_fn = stacked_update if self.plan.step_mode == "stacked" else vmapped_update
         with torch.no_grad():
-            if self.layout is not None:
+            if self.rows is not None and self.rows.usable():
+                self.state = self.rows.step(self.flat, grads, self.state)
+            elif self.layout is not None:
                 updates, self.state = step_fn(self.plan.tx, {_KEY: grads}, self.state, {_KEY: self.flat})
                 self.flat = self.flat + updates[_KEY]
             else:
@@ -334,7 +360,7 @@ def _run_configs(
     """
     if params is None or state is None:
         params, state = plan.init(indices)
-    stepper = _Stepper(plan, params, state)
+    stepper = _Stepper(plan, params, state, list(indices))
     losses, evals, eval_steps = [], {}, []
     for step in range(start, stop):
         losses.append(stepper.step(plan.batch(step)))

@@ -12,7 +12,7 @@ import torch
 
 from funcopt.base import FuncoptError, GradientTransformation, PyTree
 from funcopt.transforms import injected_states, inject_hyperparams
-from funcopt.sweep._engine import _batch_source, _chunks, _concat, _Plan, _Run, _run_configs, columns_agree
+from funcopt.sweep._engine import _batch_source, _chunks, _concat, _Plan, _Run, _run_configs, columns_agree, row_kernels
 from funcopt.sweep._stacked import _detach, _hp_names, check_stacked_update, select_configs, stack_params
 from funcopt.sweep._result import SweepResult, _History
 from funcopt.sweep._space import _as_values
@@ -97,6 +97,7 @@ def _make_plan(
     replay = replay or (chunk_size is not None and chunk_size < k)
     plan = _Plan(loss_fn, tx, values, init_params, seeds, _batch_source(data, replay), eval_fn,
                  eval_every, step_mode, randomness, k)
+    plan.factory = None if isinstance(optimizer, GradientTransformation) else optimizer
     # Check the names against a real state (catches non-injected optimizers and static args).
     first = _detach(init_params(seeds[0]) if seeds is not None else init_params)
     first_state = tx.init(first)
@@ -118,13 +119,19 @@ def _make_plan(
     if plan.metric not in valid:
         raise FuncoptError(f"metric {metric!r} is not recorded; choose one of {valid}.")
     plan.mode = mode
-    if step_mode == "auto":
-        probe = plan.init(list(range(min(k, 3))))
-        ok, reason = check_stacked_update(tx, *probe)
-        plan.step_mode = "stacked" if ok else "vmap"
-        plan.step_reason = reason
-    if plan.step_mode == "stacked":
-        plan.columns = columns_agree(tx, *plan.init(list(range(min(k, 3)))))
+    if step_mode in ("auto", "stacked"):
+        probe_indices = list(range(min(k, 3)))
+        probe = plan.init(probe_indices)
+        plan.columns = columns_agree(tx, *probe)
+        if step_mode == "auto":
+            if plan.columns and row_kernels(plan, *probe, probe_indices) is not None:
+                # each configuration's own kernel on its own row: exact whatever the optimizer
+                # does across configurations, so the stacked-versus-vmap probe is not needed
+                plan.step_mode = "stacked"
+            else:
+                ok, reason = check_stacked_update(tx, *probe)
+                plan.step_mode = "stacked" if ok else "vmap"
+                plan.step_reason = reason
     return plan
 
 

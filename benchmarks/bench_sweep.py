@@ -6,7 +6,7 @@ interleaved, medians of ``--repeats`` runs after one warm-up:
 
 - ``loop torch.optim``: K separate runs of an ``nn.Module`` with ``torch.optim.AdamW``
   (the usual way to sweep);
-- ``loop funcopt``: K separate runs of ``funcopt.adamw`` with ``torch.func.grad_and_value``;
+- ``loop funcopt``: K separate runs of ``funcopt.adamw`` with ``funcopt.grad_and_value``;
 - ``sweep vmap-step``: ``funcopt.sweep.sweep(step_mode="vmap")`` (vmap of the optimizer update);
 - ``sweep stacked``: ``funcopt.sweep.sweep(step_mode="stacked")`` (the default for AdamW).
 
@@ -124,7 +124,7 @@ def loop_torch(model, batches, hp):
 def loop_funcopt(model, batches, hp):
     params0, _ = funcopt.nn.extract(model)
     loss_fn = make_loss(model)
-    vg = torch.func.grad_and_value(loss_fn)
+    vg = funcopt.grad_and_value(loss_fn)  # the everyday loop's gradient (plain autograd)
     for lr, wd in zip(hp["learning_rate"], hp["weight_decay"]):
         tx = funcopt.adamw(lr, weight_decay=wd)
         params, state = params0, tx.init(params0)

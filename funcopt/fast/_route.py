@@ -139,17 +139,11 @@ class FastPath:
         return h
 
     def python_inputs(self) -> tuple[dict[str, Any], float] | str:
-        """The kernel's ``h`` and ``lr`` (see :class:`KernelCall`) as Python numbers (0-dim tensor
-        arguments read with ``float()``), or why they cannot be read so (a learning-rate
-        schedule, a batched tensor, an argument the route does not take). For callers that run ``route.kernel`` themselves
-        on tensors they own (the sweep engine runs it on each configuration's row)."""
+        """The kernel's ``h`` and ``lr`` as Python numbers (0-dim tensors read with ``float()``), or
+        why not (a schedule, a batched tensor); for callers running ``route.kernel`` on their own rows."""
         h = self._static_h if self._static_h is not None else self._hyperparams()
-        if type(h) is str:
-            return h
         lr = None if callable(self.learning_rate) else scalar(self.learning_rate)
-        if lr is None:
-            return "the learning rate is a schedule, or a tensor that is not a plain 0-dim one"
-        return h, lr
+        return h if type(h) is str else (h, lr) if lr is not None else "the learning rate is a schedule or batched"
 
     def reads_params(self, h: dict[str, Any]) -> bool:
         """Whether a pure step with these hyperparameters reads the params (weight decay)."""

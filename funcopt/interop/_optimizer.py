@@ -38,6 +38,7 @@ from funcopt.interop._groups import (
     provenance,
     translate,
 )
+from funcopt.interop._lbfgs_loop import LbfgsLoop
 from funcopt.interop._plain import state_from_plain, state_to_plain
 from funcopt.interop._step import evaluator, gather_grads, groups_transformation, keep_skipped, unalias
 from funcopt.interop import _layout as layout
@@ -89,6 +90,7 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             )
         switches = {k: kwargs.pop(k) for k in SWITCHES if k in kwargs}
         check_switches(switches, "as_torch_optimizer")
+        self._loop = LbfgsLoop.take(tx, kwargs)  # torch.optim.LBFGS's max_iter loop, if asked for
         self._factory: Callable[..., GradientTransformation] | None = None
         self._base: dict[str, Any] = {}
         self._built: BuiltSource | None = None
@@ -224,6 +226,12 @@ class FuncoptOptimizer(torch.optim.Optimizer):
         Returns:
             The closure's loss, or ``None`` without a closure.
         """
+        if closure is not None and self._loop is not None:
+            if len(self._groups) != 1:
+                raise FuncoptError("max_iter/max_eval/tolerance_* (torch.optim.LBFGS's loop) take one param group, "
+                                   "as torch.optim.LBFGS does.")
+            return self._loop.run(list(self.param_groups[0]["params"]), closure,
+                                  lambda counted, loss: self._step_group(0, counted, loss))
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -457,6 +465,9 @@ def as_torch_optimizer(
             runs the reference chain leaf by leaf), ``capturable`` (accepted, no effect: funcopt
             keeps its step counts as tensors on the params' device already; step() is not made
             for CUDA-graph capture) and ``differentiable`` (only False: see the error for True).
+            With ``funcopt.lbfgs``, torch.optim.LBFGS's ``max_iter``, ``max_eval``,
+            ``tolerance_grad``, ``tolerance_change`` and ``line_search_fn`` make ``step(closure)``
+            run torch's loop of up to ``max_iter`` iterations (torch's defaults for the rest).
 
     Returns:
         A :class:`FuncoptOptimizer`.

@@ -4,15 +4,18 @@ Schedule-free AdamW and SGD; Prodigy, D-Adaptation AdamW, COCOB, DoG, DoWG and M
 and argument names follow optax 0.2.8 (``optax.contrib.prodigy`` ...), which these match to
 float64 rounding (``tests/test_optax_parity.py``). Their step sizes are global reductions over
 every leaf (or, for the schedule-free wrapper, a nested base optimizer), so they run the
-reference chain only: no fast route.
+reference chain only, except COCOB, which is elementwise and declares a fast route.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from funcopt import schedules
 from funcopt.base import GradientTransformation, ScalarOrSchedule
+from funcopt.fast import FastRoute, KernelCall, declare
 from funcopt.optimizers._common import Mask, build, decay_weights
 from funcopt.transforms import (
     add_decayed_weights,
@@ -143,6 +146,60 @@ def dadapt_adamw(
     return build(scale_by_dadapt_adam(learning_rate, betas, eps, estim_lr0, weight_decay))
 
 
+def _cocob_kernel(call: KernelCall) -> list[torch.Tensor]:
+    """COCOB-Backprop over flat leaf lists: the gradient with L2 decay, scaled by the learning
+    rate, feeds the bettor's four sums; the new params are ``x0 + C (L + R) / (L max(G + L, alpha L))``."""
+    h, p, g, bufs, lr = call.h, call.p, call.g, call.bufs, call.lr
+    alpha, wd = h["alpha"], h["weight_decay"]
+    if wd:  # as add_decayed_weights, then scale_by_learning_rate(flip_sign=False)
+        ge = torch._foreach_add(g, torch._foreach_mul(p, wd))
+        if lr != 1.0:
+            torch._foreach_mul_(ge, lr)
+    else:
+        ge = g if lr == 1.0 else torch._foreach_mul(g, lr)  # only read below
+    tmp = torch._foreach_abs(ge)
+    p0 = bufs["init_particles"]
+    moved = torch._foreach_sub(p, p0)
+    torch._foreach_mul_(moved, ge)
+    if call.in_place:
+        scale, sub, reward, cum = bufs["scale"], bufs["subgradients"], bufs["reward"], bufs["cumulative_gradients"]
+        torch._foreach_maximum_(scale, tmp)
+        torch._foreach_add_(sub, tmp)
+        torch._foreach_sub_(reward, moved)
+        torch._foreach_sub_(cum, ge)
+    else:  # a pure step hands on fresh buffers only (the initial params too: its result never aliases its inputs)
+        bufs["init_particles"] = [x.clone() for x in p0]
+        scale = bufs["scale"] = torch._foreach_maximum(bufs["scale"], tmp)
+        sub = bufs["subgradients"] = torch._foreach_add(bufs["subgradients"], tmp)
+        reward = bufs["reward"] = torch._foreach_sub(bufs["reward"], moved)
+        cum = bufs["cumulative_gradients"] = torch._foreach_sub(bufs["cumulative_gradients"], ge)
+    torch._foreach_clamp_min_(reward, 0.0)
+    denom = torch._foreach_add(sub, scale)
+    torch._foreach_copy_(moved, scale)  # reused: alpha * L
+    torch._foreach_mul_(moved, alpha)
+    torch._foreach_maximum_(denom, moved)
+    torch._foreach_mul_(denom, scale)
+    new = torch._foreach_div(cum, denom)
+    torch._foreach_copy_(tmp, scale)  # reused: L + R
+    torch._foreach_add_(tmp, reward)
+    torch._foreach_mul_(new, tmp)
+    torch._foreach_add_(new, p0)
+    if call.in_place:
+        torch._foreach_copy_(p, new)
+        return p
+    torch._foreach_sub_(new, p)  # the update: new params - params
+    return new
+
+
+@declare(
+    FastRoute(
+        _cocob_kernel,
+        hyperparams=("alpha", "weight_decay"),
+        buffers=("init_particles", "cumulative_gradients", "scale", "subgradients", "reward"),
+        needs_params=("alpha",),  # alpha > 0 always: every step reads the params
+        unsupported=("mask",),
+    )
+)
 def cocob(
     learning_rate: ScalarOrSchedule = 1.0,
     alpha: float = 100.0,

@@ -245,7 +245,7 @@ wrappers = transforms
 plateau = transforms
 stacked = sweep
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 # Every name re-exported above (the submodules are reached as attributes, not listed).
 __all__ = sorted(

@@ -182,8 +182,9 @@ class Row:
 
     @property
     def differentiable(self) -> bool:
-        """Unrolled steps have informative gradients (not a sign-based update)."""
-        return not any(self.factory is f for f in _PIECEWISE_CONSTANT)
+        """Unrolled steps have informative gradients: not a sign-based update, and no state
+        rounded to a narrower dtype (``mu_dtype``: piecewise constant in the gradients too)."""
+        return not any(self.factory is f for f in _PIECEWISE_CONSTANT) and self.kwargs.get("mu_dtype") is None
 
 
 def _rows(*rows: Row) -> dict[str, Row]:
@@ -242,6 +243,15 @@ ROWS: dict[str, Row] = _rows(
         "adam_decoupled_amsgrad",
         funcopt.adam, dict(learning_rate=1e-2, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
         Adam, dict(lr=1e-2, weight_decay=0.1, amsgrad=True, decoupled_weight_decay=True),
+    ),
+    # optax's mu_dtype: the first moment stored in bfloat16 (computed in the params' dtype)
+    Row(
+        "adam_mu_bf16", funcopt.adam, dict(learning_rate=1e-2, mu_dtype=torch.bfloat16),
+        optax_name="adam", optax_kwargs=dict(learning_rate=1e-2, mu_dtype="bfloat16"),
+    ),
+    Row(
+        "adamw_mu_bf16", funcopt.adamw, dict(learning_rate=1e-2, mu_dtype=torch.bfloat16),
+        optax_name="adamw", optax_kwargs=dict(learning_rate=1e-2, weight_decay=1e-2, mu_dtype="bfloat16"),
     ),
     Row("adam_schedule", funcopt.adam, dict(learning_rate=_inverse_time)),
     Row("adam_tensor_lr", funcopt.adam, dict(learning_rate=torch.tensor(1e-2, dtype=torch.float64))),
@@ -303,6 +313,10 @@ ROWS: dict[str, Row] = _rows(
     # element-by-element references)
     Row("lion", funcopt.lion, dict(learning_rate=3e-3)),
     Row("lion_no_decay", funcopt.lion, dict(learning_rate=3e-3, weight_decay=0.0)),
+    Row(
+        "lion_mu_bf16", funcopt.lion, dict(learning_rate=3e-3, mu_dtype=torch.bfloat16),
+        optax_name="lion", optax_kwargs=dict(learning_rate=3e-3, mu_dtype="bfloat16"),
+    ),
     Row("lion_mask", funcopt.lion, dict(learning_rate=3e-3, weight_decay=0.1, mask=_matrices)),
     Row("lamb", funcopt.lamb, dict(learning_rate=1e-2, weight_decay=1e-2)),
     # --- Muon: 2-D leaves only, so the batteries' biases and scalars stay frozen on both sides
@@ -371,6 +385,10 @@ ROWS: dict[str, Row] = _rows(
     ),
     Row("amsgrad", funcopt.amsgrad, dict(learning_rate=1e-2), optax_name="amsgrad", optax_kwargs=dict(learning_rate=1e-2)),
     Row(
+        "amsgrad_mu_bf16", funcopt.amsgrad, dict(learning_rate=1e-2, mu_dtype=torch.bfloat16),
+        optax_name="amsgrad", optax_kwargs=dict(learning_rate=1e-2, mu_dtype="bfloat16"),
+    ),
+    Row(
         "amsgrad_eps_root_no_nu_correction",
         funcopt.amsgrad, dict(learning_rate=1e-2, b2=0.99, eps_root=1e-8, bias_correction_nu=False),
         optax_name="amsgrad", optax_kwargs=dict(learning_rate=1e-2, b2=0.99, eps_root=1e-8, bias_correction_nu=False),
@@ -382,6 +400,10 @@ ROWS: dict[str, Row] = _rows(
         optax_name="adamaxw", optax_kwargs=dict(learning_rate=2e-2, weight_decay=0.1, mask=_matrices),
     ),
     Row("nadamw", funcopt.nadamw, dict(learning_rate=1e-2), optax_name="nadamw", optax_kwargs=dict(learning_rate=1e-2)),
+    Row(
+        "nadamw_mu_bf16", funcopt.nadamw, dict(learning_rate=1e-2, mu_dtype=torch.bfloat16),
+        optax_name="nadamw", optax_kwargs=dict(learning_rate=1e-2, mu_dtype="bfloat16"),
+    ),
     Row(
         "nadamw_eps_root_decay",
         funcopt.nadamw, dict(learning_rate=1e-2, b1=0.8, eps_root=1e-8, weight_decay=0.05),
@@ -432,6 +454,11 @@ ROWS: dict[str, Row] = _rows(
         "optimistic_adam_v2",
         funcopt.optimistic_adam_v2, dict(learning_rate=1e-2),
         optax_name="optimistic_adam_v2", optax_kwargs=dict(learning_rate=1e-2),
+    ),
+    Row(
+        "optimistic_adam_v2_mu_bf16",
+        funcopt.optimistic_adam_v2, dict(learning_rate=1e-2, mu_dtype=torch.bfloat16),
+        optax_name="optimistic_adam_v2", optax_kwargs=dict(learning_rate=1e-2, mu_dtype="bfloat16"),
     ),
     Row(
         "optimistic_adam_v2_plain_adam",

@@ -50,6 +50,7 @@ def _adam_kernel(call: KernelCall) -> list[torch.Tensor]:
         hyperparams=("b1", "b2", "eps", "weight_decay"),
         flags=("amsgrad", "maximize", "decoupled_weight_decay"),
         buffers=("mu", "nu", "nu_max"),
+        unsupported=("mu_dtype",),
         writes_state=True,
         family="adam",
     )
@@ -63,12 +64,15 @@ def adam(
     amsgrad: bool = False,
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Adam, like ``torch.optim.Adam``.
 
     ``weight_decay`` is L2 added to the gradient, or, with ``decoupled_weight_decay=True``
     (torch 2.13's switch of the same name), decoupled as in :func:`adamw`, which this then
     equals (same numbers, same state).
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015, arXiv 1412.6980.
     """
@@ -81,7 +85,7 @@ def adam(
     return build(
         sign(maximize),
         None if decoupled_weight_decay else decay,
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype),
         decay if decoupled_weight_decay else None,
         scale_by_learning_rate(learning_rate),
     )
@@ -94,7 +98,7 @@ def adam(
         flags=("amsgrad", "maximize"),
         buffers=("mu", "nu", "nu_max"),
         constants={"decoupled_weight_decay": True},
-        unsupported=("mask",),
+        unsupported=("mask", "mu_dtype"),
         writes_state=True,
         family="adam",
     )
@@ -108,17 +112,20 @@ def adamw(
     amsgrad: bool = False,
     maximize: bool = False,
     mask: Mask = None,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """AdamW: Adam with decoupled weight decay, like ``torch.optim.AdamW``.
 
     ``mask`` (pytree of bools or function of params) limits the decay to some leaves.
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019,
     arXiv 1711.05101.
     """
     return build(
         sign(maximize),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
+        scale_by_adam(b1, b2, eps, amsgrad=amsgrad, mu_dtype=mu_dtype),
         decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

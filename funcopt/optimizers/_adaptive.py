@@ -171,7 +171,7 @@ def adagrad(
         _lion_kernel,
         hyperparams=("b1", "b2", "weight_decay"),
         buffers=("mu",),
-        unsupported=("mask",),
+        unsupported=("mask", "mu_dtype"),
         copies_for_pure_step=True,  # as in 0.1.0 (not measured the other way)
     )
 )
@@ -181,16 +181,19 @@ def lion(
     b2: float = 0.99,
     weight_decay: float = 1e-3,
     mask: Mask = None,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Lion: the sign of an interpolated momentum, with decoupled weight decay (``optax.lion``).
 
     Use a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger.
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023,
     arXiv 2302.06675.
     """
     return build(
-        scale_by_lion(b1, b2),
+        scale_by_lion(b1, b2, mu_dtype),
         decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

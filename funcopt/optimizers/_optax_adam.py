@@ -135,6 +135,7 @@ def _amsgrad_kernel(call: KernelCall) -> list[torch.Tensor]:
         hyperparams=("b1", "b2", "eps", "eps_root"),
         flags=("bias_correction_mu", "bias_correction_nu"),
         buffers=("mu", "nu", "nu_max"),
+        unsupported=("mu_dtype",),
     )
 )
 def amsgrad(
@@ -143,17 +144,21 @@ def amsgrad(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: torch.dtype | None = None,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
 ) -> GradientTransformation:
     """AMSGrad, as ``optax.amsgrad``: the maximum of the bias-corrected second moment (see
     :func:`funcopt.transforms.scale_by_amsgrad`; ``adam(amsgrad=True)`` is torch's variant).
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Reddi et al., "On the Convergence of Adam and Beyond", ICLR 2018.
     """
     return build(
         scale_by_amsgrad(
-            b1, b2, eps, eps_root, bias_correction_mu=bias_correction_mu, bias_correction_nu=bias_correction_nu
+            b1, b2, eps, eps_root, mu_dtype,
+            bias_correction_mu=bias_correction_mu, bias_correction_nu=bias_correction_nu,
         ),
         scale_by_learning_rate(learning_rate),
     )
@@ -227,7 +232,7 @@ def _nadamw_kernel(call: KernelCall) -> list[torch.Tensor]:
         _nadamw_kernel,
         hyperparams=("b1", "b2", "eps", "eps_root", "weight_decay"),
         buffers=("mu", "nu"),
-        unsupported=("mask",),
+        unsupported=("mask", "mu_dtype"),
     )
 )
 def nadamw(
@@ -238,15 +243,18 @@ def nadamw(
     eps_root: float = 0.0,
     weight_decay: float = 1e-4,
     mask: Mask = None,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """NAdamW, as ``optax.nadamw``: AdamW with optax's Nesterov momentum
     (:func:`funcopt.transforms.scale_by_nesterov_adam`; ``nadam`` is torch's NAdam).
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Dozat, "Incorporating Nesterov Momentum into Adam", 2016; Loshchilov & Hutter,
     "Decoupled Weight Decay Regularization", 2019, arXiv 1711.05101.
     """
     return build(
-        scale_by_nesterov_adam(b1, b2, eps, eps_root),
+        scale_by_nesterov_adam(b1, b2, eps, eps_root, mu_dtype),
         decay_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

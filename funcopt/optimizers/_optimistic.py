@@ -85,6 +85,7 @@ def _optimistic_adam_kernel(call: KernelCall) -> list[torch.Tensor]:
         flags=("nesterov",),
         buffers=("mu", "nu", "previous_gradient"),
         needs_first_step=True,
+        unsupported=("mu_dtype",),
     )
 )
 def optimistic_adam_v2(
@@ -96,15 +97,18 @@ def optimistic_adam_v2(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: torch.dtype | None = None,
     nesterov: bool = True,
 ) -> GradientTransformation:
     """Optimistic Adam, as ``optax.optimistic_adam_v2``: the optimistic step
     (:func:`funcopt.transforms.scale_by_optimistic_gradient`) applied to Adam's direction, with
     optax's Nesterov momentum by default (``nesterov=False``: plain Adam's direction).
+    ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
+    (computed in the gradients' dtype); the fast route then does not apply.
 
     References: Daskalakis et al., "Training GANs with Optimism", ICLR 2018, arXiv 1711.00141.
     """
     adam = scale_by_nesterov_adam if nesterov else scale_by_adam
-    direction = adam(b1, b2, eps, eps_root)
+    direction = adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype)
     return build(direction, scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(learning_rate))
 

@@ -21,13 +21,13 @@ from funcopt.transforms._common import (
     _float_step,
     init_count,
     is_python_zero,
-    _lerp,
     _scalar_state,
     check_beta,
     check_non_negative,
 )
 from funcopt.transforms._moments import (
     _bias_corrections,
+    _decayed_sum,
     _check_moment_args,
     _ema,
     _ema_of_squares,
@@ -82,6 +82,7 @@ def scale_by_adam(
     eps_root: float = 0.0,
     *,
     amsgrad: bool = False,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Rescales updates by Adam's bias-corrected moments (Kingma & Ba, 2015, arXiv 1412.6980).
 
@@ -89,7 +90,9 @@ def scale_by_adam(
     of the gradient and its square with decays ``b1``/``b2``, computed as in
     ``torch.optim.Adam``. With ``eps_root > 0`` the denominator is ``sqrt(v_hat + eps_root) +
     eps`` (optax's form, which keeps gradients through the step finite). With ``amsgrad=True``
-    the running maximum of ``v`` is used (Reddi et al., 2018), as torch does.
+    the running maximum of ``v`` is used (Reddi et al., 2018), as torch does. ``mu_dtype``
+    (optax's option, e.g. ``torch.bfloat16``) stores ``m`` in that dtype; it is computed in
+    the gradients' dtype.
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
@@ -109,7 +112,8 @@ def scale_by_adam(
             )
         return direction, (mu, nu, nu_max)
 
-    return _moment_block("scale_by_adam", ScaleByAdamState, lambda params: _adam_init(params, amsgrad), advance)
+    return _moment_block("scale_by_adam", ScaleByAdamState, lambda params: _adam_init(params, amsgrad), advance,
+                         mu_dtype=mu_dtype)
 
 
 @stable_name("funcopt.ScaleByAdamaxState")
@@ -229,19 +233,19 @@ class ScaleByLionState(NamedTuple):
     mu: PyTree
 
 
-def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99, mu_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Lion's sign update (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms",
     arXiv 2302.06675): returns ``sign(b1 * m + (1 - b1) * g)`` and tracks
-    ``m = b2 * m + (1 - b2) * g``."""
+    ``m = b2 * m + (1 - b2) * g`` (stored in ``mu_dtype`` where given, as optax's option)."""
     check_beta("b1", b1)
     check_beta("b2", b2)
 
     def advance(updates, state):
-        direction = _tree.map(lambda m, g: torch.sign(_lerp(m, g, 1 - b1)), state.mu, updates)
+        direction = _tree.map(lambda m, g: torch.sign(_decayed_sum(m, g, b1)), state.mu, updates)
         mu = _ema(state.mu, updates, b2)
         return direction, (mu,)
 
-    return _moment_block("scale_by_lion", ScaleByLionState, 1, advance)
+    return _moment_block("scale_by_lion", ScaleByLionState, 1, advance, mu_dtype=mu_dtype)
 
 
 @stable_name("funcopt.ScaleByRmsState")

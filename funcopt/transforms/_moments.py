@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from funcopt import tree as _tree
-from funcopt.base import GradientTransformation, PyTree, check_state
+from funcopt.base import FuncoptError, GradientTransformation, PyTree, check_state
 from funcopt.transforms._common import _float_step, _lerp, check_beta, check_non_negative, init_count
 
 __all__: list[str] = []
@@ -34,10 +34,22 @@ def _zeros_state(state_type: type, params: PyTree, buffers: int, *rest: Any) -> 
     return state_type(init_count(params), *(_tree.zeros_like(params) for _ in range(buffers)), *rest)
 
 
+def _decayed_sum(m: torch.Tensor, u: torch.Tensor, decay: Any) -> torch.Tensor:
+    """``decay * m + (1 - decay) * u``: ``torch.lerp`` where ``m`` and ``u`` share a dtype; for a
+    moment stored in a narrower dtype (``mu_dtype``) optax's arithmetic, ``(1 - decay) * u +
+    decay * m`` with ``decay * m`` rounded in ``m``'s dtype (``decay`` cast to it first, as JAX
+    casts a Python scalar to the array's dtype), the sum in ``u``'s."""
+    if m.dtype == u.dtype:
+        return _lerp(m, u, 1 - decay)
+    scaled = m * torch.as_tensor(decay, dtype=m.dtype, device=m.device)
+    return (1 - decay) * u + scaled.to(u.dtype)
+
+
 def _ema(average: PyTree, x: PyTree, decay: Any, names: tuple[str, str] | None = None) -> PyTree:
     """The moving average ``decay * average + (1 - decay) * x`` leaf-wise (``names`` label the
-    two trees in a structure-mismatch error)."""
-    return _tree.map(lambda m, u: _lerp(m, u, 1 - decay), average, x, names=names)
+    two trees in a structure-mismatch error); see :func:`_decayed_sum` for an ``average`` stored
+    in a narrower dtype."""
+    return _tree.map(lambda m, u: _decayed_sum(m, u, decay), average, x, names=names)
 
 
 def _ema_of_squares(average: PyTree, x: PyTree, decay: Any, names: tuple[str, str] | None = None) -> PyTree:
@@ -59,25 +71,44 @@ def _bias_corrections(count: torch.Tensor, *decays: Any) -> tuple[torch.Tensor, 
     return tuple(1 - b**step for b in decays)
 
 
+def check_mu_dtype(mu_dtype: Any) -> None:
+    """``mu_dtype`` is None or a floating-point ``torch.dtype``."""
+    if mu_dtype is not None and not (isinstance(mu_dtype, torch.dtype) and mu_dtype.is_floating_point):
+        raise FuncoptError(
+            f"mu_dtype must be None or a floating-point torch.dtype (e.g. torch.bfloat16), got {mu_dtype!r}."
+        )
+
+
 def _moment_block(
     name: str,
     state_type: type,
     init: int | Callable[[PyTree], Any],
     advance: Callable[[PyTree, Any], tuple[PyTree, tuple]],
+    *,
+    mu_dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """The block ``name`` whose state is ``state_type(count, *moments)``.
 
     ``init``: how many params-shaped zero trees the moments start as, or a function
     ``params -> state``. ``advance(updates, state)`` returns the new updates and the new moments;
     the count advances by one. The update checks the state it is given and needs no params.
+    ``mu_dtype`` (optax's option): the state's ``mu`` field is stored in that dtype; the moving
+    average reads it as optax does (:func:`_decayed_sum`) and the new value is cast back.
     """
+    check_mu_dtype(mu_dtype)
+    mu_at = state_type._fields.index("mu") - 1 if mu_dtype is not None else -1  # among the moments
 
     def init_fn(params):
-        return _zeros_state(state_type, params, init) if isinstance(init, int) else init(params)
+        state = _zeros_state(state_type, params, init) if isinstance(init, int) else init(params)
+        if mu_dtype is not None:
+            state = state._replace(mu=_tree.map(lambda m: m.to(mu_dtype), state.mu))
+        return state
 
     def update(updates, state, params=None, **extra_args):
         check_state(state, state_type, name)
         out, moments = advance(updates, state)
+        if mu_dtype is not None:
+            moments = tuple(_tree.map(lambda m: m.to(mu_dtype), x) if i == mu_at else x for i, x in enumerate(moments))
         return out, state_type(state.count + 1, *moments)
 
     return GradientTransformation(init_fn, update)

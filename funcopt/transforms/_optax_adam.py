@@ -43,6 +43,7 @@ def scale_by_amsgrad(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: torch.dtype | None = None,
     *,
     bias_correction_mu: bool = True,
     bias_correction_nu: bool = True,
@@ -53,7 +54,7 @@ def scale_by_amsgrad(
     ``nu_max = max(nu_max, nu / (1 - b2**t))`` (the maximum of the *bias-corrected* second
     moment; ``torch.optim.Adam(amsgrad=True)`` keeps the maximum of the raw one); returns
     ``(mu / (1 - b1**t)) / (sqrt(nu_max + eps_root) + eps)``. The ``bias_correction_*`` flags
-    switch either correction off.
+    switch either correction off. ``mu_dtype`` stores ``mu`` in that dtype (optax's option).
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
@@ -67,18 +68,19 @@ def scale_by_amsgrad(
         out = _tree.map(lambda m, vm: (m / bc1) / (torch.sqrt(vm + eps_root) + eps), mu, nu_max)
         return out, (mu, nu, nu_max)
 
-    return _moment_block("scale_by_amsgrad", ScaleByAmsgradState, 3, advance)
+    return _moment_block("scale_by_amsgrad", ScaleByAmsgradState, 3, advance, mu_dtype=mu_dtype)
 
 
 def scale_by_nesterov_adam(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0, mu_dtype: torch.dtype | None = None
 ) -> GradientTransformation:
     """Adam with Nesterov momentum as ``optax.scale_by_adam(nesterov=True)`` (Dozat, "Incorporating
     Nesterov Momentum into Adam", 2016), the direction of ``optax.nadam``/``nadamw``.
 
     The first moment estimate is ``b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``;
     returns it over ``sqrt(nu / (1 - b2**t) + eps_root) + eps``. (``torch.optim.NAdam``, i.e.
-    :func:`scale_by_nadam`, uses a momentum-decay schedule instead.) State: ``ScaleByAdamState``.
+    :func:`scale_by_nadam`, uses a momentum-decay schedule instead.) State: ``ScaleByAdamState``;
+    ``mu_dtype`` stores ``mu`` in that dtype (optax's option).
     """
     _check_moment_args(b1, b2, eps, eps_root)
 
@@ -93,7 +95,7 @@ def scale_by_nesterov_adam(
 
         return _tree.map(direction, mu, nu, updates), (mu, nu, ())
 
-    return _moment_block("scale_by_nesterov_adam", ScaleByAdamState, _adam_init, advance)
+    return _moment_block("scale_by_nesterov_adam", ScaleByAdamState, _adam_init, advance, mu_dtype=mu_dtype)
 
 
 @stable_name("funcopt.ScaleByYogiState")

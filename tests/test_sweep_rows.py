@@ -2,7 +2,8 @@
 
 Every registry row with a fast route is swept over two configurations (its own arguments, and
 a second learning rate with every momentum and decay hyperparameter at 0.0, the case where an
-injected tensor keeps a chain block that a Python 0.0 leaves out). The sweep with the row
+injected tensor keeps a chain block that a Python 0.0 leaves out; a row whose learning rate is
+a schedule sweeps another hyperparameter, and the row kernels must leave it to the generic step). The sweep with the row
 kernels must equal the sweep with the fast routes switched off (the generic stacked step over
 the reference chains) and, for each configuration, training it alone with the reference chain.
 """
@@ -32,11 +33,20 @@ def _zeroable(factory, kwargs, name):
 
 
 def _sweep_case(name):
+    """(factory, swept values, whether the row kernels take it) for a registry row."""
     row = registry.ROWS[name]
     signature = inspect.signature(row.factory).parameters
     lr = row.kwargs.get("learning_rate", signature["learning_rate"].default if "learning_rate" in signature else None)
     if not isinstance(lr, float):
-        return None  # a schedule (the row kernels then do not apply) or no learning rate
+        # a fixed schedule (or tensor) through functools.partial: sweep another hyperparameter; the
+        # row kernels, which read the hyperparameters once, must leave a schedule to the generic step
+        for h in row.factory.fast_route.hyperparams:
+            value = row.kwargs.get(h, signature[h].default)
+            if isinstance(value, float) and value != 0.0:
+                fixed = {k: v for k, v in row.kwargs.items() if k != h}
+                # a 0-dim tensor learning rate is read once like a number: the row kernels take it
+                return functools.partial(row.factory, **fixed), {h: [value, value * 0.5]}, not callable(lr)
+        return None
     swept = {"learning_rate": [lr, lr * 0.5]}
     for h in row.factory.fast_route.hyperparams:
         value = row.kwargs.get(h, signature[h].default)
@@ -44,7 +54,7 @@ def _sweep_case(name):
         if structural and isinstance(value, float) and value != 0.0 and _zeroable(row.factory, row.kwargs, h):
             swept[h] = [value, 0.0]
     fixed = {k: v for k, v in row.kwargs.items() if k not in swept}
-    return (functools.partial(row.factory, **fixed) if fixed else row.factory), swept
+    return (functools.partial(row.factory, **fixed) if fixed else row.factory), swept, name not in GENERIC_STEP
 
 
 def _problem():
@@ -77,8 +87,8 @@ GENERIC_STEP = {
 def test_row_kernels_equal_the_reference_chain(name, monkeypatch):
     case = _sweep_case(name)
     if case is None:
-        pytest.skip("the learning rate is not a Python float (the row kernels do not apply)")
-    factory, swept = case
+        pytest.skip("a schedule and no other float hyperparameter to sweep")
+    factory, swept, rows_expected = case
     params, batches, loss_fn = _problem()
     ran = []
     step = _rows.RowKernels.step
@@ -88,10 +98,10 @@ def test_row_kernels_equal_the_reference_chain(name, monkeypatch):
     with funcopt.fast.fast_path_enabled(False):
         ref = S.sweep(loss_fn, params, factory, swept, batches, steps=steps, progress=False)
     assert res.step_mode == "stacked", res.step_note
-    if name in GENERIC_STEP:
-        assert not ran
-    else:
+    if rows_expected:
         assert len(ran) == steps, f"{name}: the row kernels did not run"
+    else:
+        assert not ran
     assert_trees_close(res.params, ref.params, rtol=1e-10, atol=1e-12, msg=f"{name} params")
     assert_trees_close(res.opt_state, ref.opt_state, rtol=1e-10, atol=1e-12, msg=f"{name} state")
     torch.testing.assert_close(res.loss, ref.loss, rtol=1e-10, atol=1e-12)
@@ -121,3 +131,17 @@ def test_row_kernels_are_used_for_the_benchmark_case_and_stay_out_of_the_way_els
     S.sweep(loss_fn, params, funcopt.inject_hyperparams(funcopt.adam)(learning_rate=1e-3),
             {"b1": [0.8, 0.9]}, batches, steps=2, progress=False)
     assert made[-1] is None
+
+
+def test_metrics_that_view_the_params_keep_their_history():
+    # eval_fn may return a view of the params; the row kernels update the params in place, so
+    # the sweep must keep copies (each evaluation its own values)
+    params, batches, loss_fn = _problem()
+    hp = {"learning_rate": [0.05, 0.1]}
+    res = S.sweep(loss_fn, params, funcopt.sgd, hp, batches, steps=4, eval_fn=lambda p: {"b0": p["b"][0]},
+                  eval_every=1, progress=False)
+    with funcopt.fast.fast_path_enabled(False):
+        ref = S.sweep(loss_fn, params, funcopt.sgd, hp, batches, steps=4, eval_fn=lambda p: {"b0": p["b"][0]},
+                      eval_every=1, progress=False)
+    torch.testing.assert_close(res.evals["b0"], ref.evals["b0"], rtol=1e-12, atol=1e-14)
+    assert len(set(res.evals["b0"][0].tolist())) == 4  # four different values, not the last one four times

@@ -125,9 +125,10 @@ class _Plan:
 
     def evaluate(self, params: PyTree) -> dict[str, torch.Tensor]:
         out = torch.func.vmap(self.eval_fn, randomness=self.randomness)(params)
+        # copies: a metric may be a view of the params, which later steps update in place
         if isinstance(out, Mapping):
-            return {str(k): torch.as_tensor(v).detach().reshape(-1) for k, v in out.items()}
-        return {"eval": torch.as_tensor(out).detach().reshape(-1)}
+            return {str(k): torch.as_tensor(v).detach().reshape(-1).clone() for k, v in out.items()}
+        return {"eval": torch.as_tensor(out).detach().reshape(-1).clone()}
 
 
 @dataclass

@@ -55,6 +55,12 @@ class RowKernels:
             return None
         if any(not isinstance(v[i], (int, float)) or isinstance(v[i], bool) for v in values.values() for i in indices):
             return None  # a schedule per configuration: the generic step evaluates it each step
+        # The factory as the user gives it, with Python values: a schedule it fixes (through
+        # functools.partial, or a default) shows here, while the injected state holds only its
+        # current value, which the row kernels would freeze.
+        plain = fast_path_of(factory(**{n: v[indices[0]] for n, v in values.items()})) if indices else None
+        if plain is None or type(plain.python_inputs()) is str:
+            return None
         k = flat.shape[0]
         hparams = state.hyperparams
         if not all(type(v) is torch.Tensor and v.shape == (k,) for v in hparams.values()):

@@ -101,3 +101,50 @@ def test_bad_loop_arguments_are_refused_with_the_fix():
                                      max_iter=3)
     with pytest.raises(funcopt.FuncoptError, match="one param group"):
         opt.step(lambda: torch.zeros(()))
+
+
+def test_torch_history_default_and_loop_settings_in_the_param_group():
+    # torch.optim.LBFGS keeps 100 curvature pairs by default (funcopt.lbfgs: 10); a long inner
+    # loop on an ill-conditioned problem shows the difference
+    g = torch.Generator().manual_seed(0)
+    n = 60
+    q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    a = q @ torch.diag(torch.logspace(0, 3, n, dtype=torch.float64)) @ q.T
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+
+    def run(make):
+        x = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+        opt = make([x])
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            opt.zero_grad()
+            v = 0.5 * x @ (a @ x) - b @ x
+            v.backward()
+            return v
+
+        opt.step(closure)
+        return opt, x.detach(), calls
+
+    kw = dict(lr=0.5, max_iter=40, tolerance_grad=0.0, tolerance_change=0.0)
+    _, xt, _ = run(lambda p: torch.optim.LBFGS(p, **kw))
+    opt, xf, calls = run(lambda p: funcopt.as_torch_optimizer(funcopt.lbfgs, p, **kw))
+    torch.testing.assert_close(xf, xt, rtol=1e-9, atol=1e-10)
+    group = opt.param_groups[0]
+    assert group["history_size"] == 100
+    assert (group["max_iter"], group["max_eval"], group["tolerance_grad"], group["tolerance_change"]) == (40, 50, 0.0, 0.0)
+    # like torch's, the loop reads its settings from the group at each step
+    group["max_iter"] = 3
+    calls_before = calls[0]
+    x = group["params"][0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        v = 0.5 * x @ (a @ x) - b @ x
+        v.backward()
+        return v
+
+    opt.step(closure)
+    assert calls[0] - calls_before == 3

@@ -48,7 +48,9 @@ class LbfgsLoop:
                 raise FuncoptError("as_torch_optimizer(lbfgs): pass line_search_fn (torch's name) or linesearch, not both.")
             kwargs.setdefault("linesearch", None if line_search_fn is None else "zoom")
             if "lr" not in kwargs and "learning_rate" not in kwargs:
-                kwargs["learning_rate"] = 1.0  # torch.optim.LBFGS's default
+                kwargs["learning_rate"] = 1.0  # torch.optim.LBFGS's defaults
+            if "history_size" not in kwargs and "memory_size" not in kwargs:
+                kwargs["memory_size"] = 100
         elif has_ls:
             raise FuncoptError(
                 "as_torch_optimizer: line_search_fn is torch.optim.LBFGS's; it maps onto funcopt.lbfgs's "
@@ -75,15 +77,20 @@ class LbfgsLoop:
         return LbfgsLoop(max_iter, max_eval, float(tolerances["tolerance_grad"]), float(tolerances["tolerance_change"]))
 
     def group_keys(self) -> dict[str, Any]:
-        """The entries torch.optim.LBFGS keeps in its param group."""
+        """The entries torch.optim.LBFGS keeps in its param group (read back at each step)."""
         return {"max_iter": self.max_iter, "max_eval": self.max_eval,
                 "tolerance_grad": self.tolerance_grad, "tolerance_change": self.tolerance_change}
 
-    def run(self, params: list[torch.Tensor], closure: Callable[[], Any],
+    def run(self, group: dict[str, Any], closure: Callable[[], Any],
             iterate: Callable[[Callable[[], Any], Any], None]) -> Any:
-        """``torch.optim.LBFGS.step``'s loop: ``iterate(closure, loss)`` is one update in place.
+        """``torch.optim.LBFGS.step``'s loop over ``group``'s params, with the loop settings the
+        group holds now: ``iterate(closure, loss)`` is one update in place.
 
         Returns the loss of the first evaluation, as torch does."""
+        params = list(group["params"])
+        max_iter, max_eval = group.get("max_iter", self.max_iter), group.get("max_eval", self.max_eval)
+        tolerance_grad = group.get("tolerance_grad", self.tolerance_grad)
+        tolerance_change = group.get("tolerance_change", self.tolerance_change)
         calls = [0]
 
         def counted() -> Any:
@@ -95,19 +102,19 @@ class LbfgsLoop:
             return max((float(p.grad.abs().max()) for p in params if p.grad is not None and p.grad.numel()), default=0.0)
 
         orig_loss = loss = counted()
-        if grad_max() <= self.tolerance_grad:
+        if grad_max() <= tolerance_grad:
             return orig_loss
         prev = float(loss)
-        for n_iter in range(1, self.max_iter + 1):
+        for n_iter in range(1, max_iter + 1):
             before = [p.detach().clone() for p in params]
             iterate(counted, loss)
-            if n_iter == self.max_iter:
+            if n_iter == max_iter:
                 break
             loss = counted()  # the loss and gradients at the new point, for the next iteration
-            if calls[0] >= self.max_eval or grad_max() <= self.tolerance_grad:
+            if calls[0] >= max_eval or grad_max() <= tolerance_grad:
                 break
             moved = max((float((p.detach() - b).abs().max()) for p, b in zip(params, before) if b.numel()), default=0.0)
-            if moved <= self.tolerance_change or abs(float(loss) - prev) < self.tolerance_change:
+            if moved <= tolerance_change or abs(float(loss) - prev) < tolerance_change:
                 break
             prev = float(loss)
         return orig_loss

@@ -124,6 +124,10 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             defaults = self._built.keys(self._built.tx.init(_tree.map(lambda p: p.detach(), first)))  # type: ignore[union-attr]
         defaults.update({k: switches.get(k, None if k != "differentiable" else False) for k in SWITCHES})
         super().__init__(groups, defaults)
+        if self._loop is not None:  # shown and read back at each step, as in torch.optim.LBFGS's group
+            for group in self.param_groups:
+                for k, v in self._loop.group_keys().items():
+                    group.setdefault(k, v)
 
     # -- groups ---------------------------------------------------------------------------------
 
@@ -230,8 +234,7 @@ class FuncoptOptimizer(torch.optim.Optimizer):
             if len(self._groups) != 1:
                 raise FuncoptError("max_iter/max_eval/tolerance_* (torch.optim.LBFGS's loop) take one param group, "
                                    "as torch.optim.LBFGS does.")
-            return self._loop.run(list(self.param_groups[0]["params"]), closure,
-                                  lambda counted, loss: self._step_group(0, counted, loss))
+            return self._loop.run(self.param_groups[0], closure, lambda counted, loss: self._step_group(0, counted, loss))
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -125,11 +125,11 @@ def test_torch_history_default_and_loop_settings_in_the_param_group():
             return v
 
         opt.step(closure)
-        return opt, x.detach(), calls
+        return opt, x.detach().clone(), calls, closure
 
     kw = dict(lr=0.5, max_iter=40, tolerance_grad=0.0, tolerance_change=0.0)
-    _, xt, _ = run(lambda p: torch.optim.LBFGS(p, **kw))
-    opt, xf, calls = run(lambda p: funcopt.as_torch_optimizer(funcopt.lbfgs, p, **kw))
+    _, xt, _, _ = run(lambda p: torch.optim.LBFGS(p, **kw))
+    opt, xf, calls, closure = run(lambda p: funcopt.as_torch_optimizer(funcopt.lbfgs, p, **kw))
     torch.testing.assert_close(xf, xt, rtol=1e-9, atol=1e-10)
     group = opt.param_groups[0]
     assert group["history_size"] == 100
@@ -137,14 +137,5 @@ def test_torch_history_default_and_loop_settings_in_the_param_group():
     # like torch's, the loop reads its settings from the group at each step
     group["max_iter"] = 3
     calls_before = calls[0]
-    x = group["params"][0]
-
-    def closure():
-        calls[0] += 1
-        opt.zero_grad()
-        v = 0.5 * x @ (a @ x) - b @ x
-        v.backward()
-        return v
-
     opt.step(closure)
     assert calls[0] - calls_before == 3

@@ -321,3 +321,30 @@ def test_one_pass_check_names_the_damaged_leaf(tmp_path, monkeypatch):
     a, d = ck.load(f, paths=["a", "d"], like=[tree["a"], tree["d"]])
     assert torch.equal(a, tree["a"]) and torch.equal(d, tree["d"])
     assert ck.load(f, device="meta")["b"]["c"].is_meta
+
+
+def test_a_busy_pool_does_not_hold_up_a_load():
+    # the CRC pool may be busy with a save's checksums; a load's chunks then run on the caller
+    # alone, and it returns without waiting for the queued helpers
+    import threading
+    import zlib
+
+    from funcopt.checkpoint import _crc
+
+    pool = _crc._pool()
+    if pool is None:
+        pytest.skip("one CPU: no pool")
+    gate = threading.Event()
+    blockers = [pool.submit(gate.wait, 30) for _ in range(_crc._workers())]
+    try:
+        data = memoryview(torch.randint(0, 256, (3 * _crc.SHARED_CHUNK + 5,), dtype=torch.uint8).numpy())
+        result = []
+        worker = threading.Thread(target=lambda: result.append(_crc.crc32_many([data[:100], data[100:]])))
+        worker.start()
+        worker.join(20)
+        assert not worker.is_alive(), "crc32_many waited for helpers that never started"
+        assert result[0] == [zlib.crc32(data[:100]), zlib.crc32(data[100:])]
+    finally:
+        gate.set()
+        for b in blockers:
+            b.result()

@@ -132,6 +132,8 @@ def crc32_many(views: list[memoryview]) -> list[int]:
     parts = [0] * len(tasks)
     queue = iter(range(len(tasks)))
     lock = threading.Lock()
+    finished = threading.Condition(lock)
+    done, failures = [0], []
 
     def drain() -> None:
         while True:
@@ -140,12 +142,23 @@ def crc32_many(views: list[memoryview]) -> list[int]:
             if t is None:
                 return
             i, s = tasks[t]
-            parts[t] = crc32_kernel(views[i][s:s + SHARED_CHUNK])
+            try:
+                parts[t] = crc32_kernel(views[i][s:s + SHARED_CHUNK])
+            except BaseException as e:  # handed to the caller
+                failures.append(e)
+            with finished:
+                done[0] += 1
+                finished.notify_all()
 
-    helpers = [pool.submit(drain) for _ in range(min(_workers() - 1, len(tasks) - 1))]
+    for _ in range(min(_workers() - 1, len(tasks) - 1)):
+        pool.submit(drain)
     drain()
-    for helper in helpers:
-        helper.result()
+    with finished:
+        # Waits for the chunks taken, not for the helpers: one still queued behind other work (a
+        # save's checksums) finds the queue empty when it starts and touches nothing.
+        finished.wait_for(lambda: done[0] == len(tasks))
+    if failures:
+        raise failures[0]
     out, t = [], 0
     for v in views:
         count = max(len(v) - 1, 0) // SHARED_CHUNK + 1

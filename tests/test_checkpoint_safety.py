@@ -348,3 +348,41 @@ def test_a_busy_pool_does_not_hold_up_a_load():
         gate.set()
         for b in blockers:
             b.result()
+
+
+def test_an_interrupt_or_an_error_ends_the_checksum_pass_at_once(monkeypatch):
+    # Ctrl-C in the caller's own chunk stops the pass (no thread takes another chunk) instead of
+    # waiting for every remaining chunk; a worker's error is re-raised to the caller
+    import threading
+    import zlib
+
+    from funcopt.checkpoint import _crc
+
+    class Interrupt(BaseException):
+        pass
+
+    main, calls = threading.get_ident(), []
+
+    def slow(view):
+        calls.append(1)
+        time.sleep(0.02)
+        if threading.get_ident() == main and len(calls) > 4:
+            raise Interrupt
+        return zlib.crc32(view)
+
+    monkeypatch.setattr(_crc, "SHARED_CHUNK", 1024)
+    monkeypatch.setattr(_crc, "crc32_kernel", slow)
+    data = memoryview(bytes(300 * 1024))
+    start = time.perf_counter()
+    with pytest.raises(Interrupt):
+        _crc.crc32_many([data])
+    assert time.perf_counter() - start < 2.0  # 300 chunks of 20 ms would take 3 s or more
+    time.sleep(0.1)
+    assert len(calls) < 40
+
+    def broken(view):
+        raise ValueError("disk went away")
+
+    monkeypatch.setattr(_crc, "crc32_kernel", broken)
+    with pytest.raises(ValueError, match="disk went away"):
+        _crc.crc32_many([data])

@@ -135,7 +135,7 @@ def test_torch_history_default_and_loop_settings_in_the_param_group():
     assert group["history_size"] == 100
     assert (group["max_iter"], group["max_eval"], group["tolerance_grad"], group["tolerance_change"]) == (40, 50, 0.0, 0.0)
     # like torch's, the loop reads its settings from the group at each step
-    group["max_iter"] = 3
+    group["max_iter"] = 3.0  # torch takes a float here too
     calls_before = calls[0]
     opt.step(closure)
     assert calls[0] - calls_before == 3

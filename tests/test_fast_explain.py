@@ -97,6 +97,12 @@ def test_mask_given():
     assert route.route == "reference" and route.reasons == ("mask= is given (the kernel updates every leaf)",)
 
 
+def test_mu_dtype_given():
+    params, grads = _problem()
+    route = _explain(funcopt.adamw(1e-3, mu_dtype=torch.bfloat16), params, grads)
+    assert route.route == "reference" and route.reasons == ("mu_dtype= is given (the kernel does not take it)",)
+
+
 def test_tensor_hyperparameter_requiring_grad():
     params, grads = _problem()
     route = _explain(funcopt.adam(1e-3, b1=torch.tensor(0.9, requires_grad=True)), params, grads)

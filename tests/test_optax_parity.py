@@ -119,3 +119,35 @@ def test_trajectory_matches_optax(name):
                 a[k], b[k], rtol=row.optax_rtol, atol=row.optax_rtol * 1e-3,
                 msg=lambda m, step=step, k=k: f"{name}: step {step}, leaf {k!r}: {m}",
             )
+
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("params_dtype, mu_dtype", [
+    ("float64", "bfloat16"), ("float32", "bfloat16"), ("float32", "float64"), ("bfloat16", "float32"),
+])
+@pytest.mark.parametrize("name", ["adam", "adamw", "amsgrad", "nadamw", "lion", "optimistic_adam_v2"])
+def test_mu_dtype_follows_optax(name, params_dtype, mu_dtype):
+    # the first moment stored in mu_dtype, narrower or wider than the params: optax's stored
+    # values exactly, and its updates to the params' precision (the second moment, in the
+    # params' dtype, is a torch lerp here and optax's own formula there)
+    import jax.numpy as jnp
+
+    factory = getattr(__import__("funcopt"), name)
+    tx = factory(learning_rate=1e-2, mu_dtype=_DTYPES[mu_dtype])
+    otx = getattr(optax, name)(learning_rate=1e-2, mu_dtype=mu_dtype)
+    p, op = torch.zeros(64, dtype=_DTYPES[params_dtype]), jnp.zeros(64, dtype=params_dtype)
+    state, ostate = tx.init(p), otx.init(op)
+    g = torch.Generator().manual_seed(0)
+    rtol = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 5e-2}[params_dtype]
+    for _ in range(20):
+        grad = torch.randn(64, generator=g, dtype=torch.float64).to(_DTYPES[params_dtype])
+        u, state = tx.update(grad, state, p)
+        ou, ostate = otx.update(jnp.asarray(grad.double().numpy()).astype(params_dtype), ostate, op)
+        assert str(u.dtype).removeprefix("torch.") == str(ou.dtype)
+        theirs = torch.from_numpy(np.asarray(ou.astype(jnp.float64)))
+        torch.testing.assert_close(u.double(), theirs, rtol=rtol, atol=rtol * 1e-2)
+        mu, omu = state[0].mu, ostate[0].mu
+        assert mu.dtype == _DTYPES[mu_dtype] and str(omu.dtype) == mu_dtype
+        assert torch.equal(mu.double(), torch.from_numpy(np.asarray(omu.astype(jnp.float64))))

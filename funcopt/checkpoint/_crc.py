@@ -133,22 +133,29 @@ def crc32_many(views: list[memoryview]) -> list[int]:
     queue = iter(range(len(tasks)))
     lock = threading.Lock()
     finished = threading.Condition(lock)
-    done, failures = [0], []
+    taken, done, failures = [0], [0], []
+    stopped = [False]
 
     def drain() -> None:
         while True:
             with lock:
-                t = next(queue, None)
-            if t is None:
-                return
+                t = None if failures or stopped[0] else next(queue, None)
+                if t is None:
+                    return
+                taken[0] += 1
             i, s = tasks[t]
             try:
                 parts[t] = crc32_kernel(views[i][s:s + SHARED_CHUNK])
-            except BaseException as e:  # handed to the caller
-                failures.append(e)
-            with finished:
-                done[0] += 1
-                finished.notify_all()
+            except Exception as e:  # handed to the caller; no thread takes another chunk
+                with lock:
+                    failures.append(e)
+            except BaseException:  # the caller's KeyboardInterrupt: stop everyone, raise at once
+                stopped[0] = True
+                raise
+            finally:
+                with finished:
+                    done[0] += 1
+                    finished.notify_all()
 
     for _ in range(min(_workers() - 1, len(tasks) - 1)):
         pool.submit(drain)
@@ -156,7 +163,7 @@ def crc32_many(views: list[memoryview]) -> list[int]:
     with finished:
         # Waits for the chunks taken, not for the helpers: one still queued behind other work (a
         # save's checksums) finds the queue empty when it starts and touches nothing.
-        finished.wait_for(lambda: done[0] == len(tasks))
+        finished.wait_for(lambda: done[0] == taken[0])
     if failures:
         raise failures[0]
     out, t = [], 0

@@ -120,7 +120,8 @@ class FastPath:
         args, route = self.arguments, self.route
         for name in route.unsupported:
             if args.get(name) is not None:
-                return f"{name}= is given (the kernel updates every leaf)"
+                why = "the kernel updates every leaf" if name == "mask" else "the kernel does not take it"
+                return f"{name}= is given ({why})"
         h: dict[str, Any] = dict(route.constants)
         for name in route.hyperparams:
             value = args[name]

@@ -88,9 +88,9 @@ class LbfgsLoop:
 
         Returns the loss of the first evaluation, as torch does."""
         params = list(group["params"])
-        max_iter, max_eval = group.get("max_iter", self.max_iter), group.get("max_eval", self.max_eval)
-        tolerance_grad = group.get("tolerance_grad", self.tolerance_grad)
-        tolerance_change = group.get("tolerance_change", self.tolerance_change)
+        max_iter, max_eval = int(group.get("max_iter", self.max_iter)), int(group.get("max_eval", self.max_eval))
+        tolerance_grad = float(group.get("tolerance_grad", self.tolerance_grad))
+        tolerance_change = float(group.get("tolerance_change", self.tolerance_change))
         calls = [0]
 
         def counted() -> Any:

@@ -72,7 +72,7 @@ def adam(
     (torch 2.13's switch of the same name), decoupled as in :func:`adamw`, which this then
     equals (same numbers, same state).
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Kingma & Ba, "Adam: A Method for Stochastic Optimization", 2015, arXiv 1412.6980.
     """
@@ -118,7 +118,7 @@ def adamw(
 
     ``mask`` (pytree of bools or function of params) limits the decay to some leaves.
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019,
     arXiv 1711.05101.

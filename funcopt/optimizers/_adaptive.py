@@ -187,7 +187,7 @@ def lion(
 
     Use a learning rate 3-10x smaller than AdamW's and a weight decay 3-10x larger.
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023,
     arXiv 2302.06675.

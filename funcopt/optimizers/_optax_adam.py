@@ -151,7 +151,7 @@ def amsgrad(
     """AMSGrad, as ``optax.amsgrad``: the maximum of the bias-corrected second moment (see
     :func:`funcopt.transforms.scale_by_amsgrad`; ``adam(amsgrad=True)`` is torch's variant).
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Reddi et al., "On the Convergence of Adam and Beyond", ICLR 2018.
     """
@@ -248,7 +248,7 @@ def nadamw(
     """NAdamW, as ``optax.nadamw``: AdamW with optax's Nesterov momentum
     (:func:`funcopt.transforms.scale_by_nesterov_adam`; ``nadam`` is torch's NAdam).
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Dozat, "Incorporating Nesterov Momentum into Adam", 2016; Loshchilov & Hutter,
     "Decoupled Weight Decay Regularization", 2019, arXiv 1711.05101.

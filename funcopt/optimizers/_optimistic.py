@@ -104,7 +104,7 @@ def optimistic_adam_v2(
     (:func:`funcopt.transforms.scale_by_optimistic_gradient`) applied to Adam's direction, with
     optax's Nesterov momentum by default (``nesterov=False``: plain Adam's direction).
     ``mu_dtype`` (optax's option, e.g. ``torch.bfloat16``) stores the first moment in that dtype
-    (computed in the gradients' dtype); the fast route then does not apply.
+    (updated with optax's arithmetic, in the wider of the two dtypes); the fast route then does not apply.
 
     References: Daskalakis et al., "Training GANs with Optimism", ICLR 2018, arXiv 1711.00141.
     """

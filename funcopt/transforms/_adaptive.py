@@ -91,8 +91,8 @@ def scale_by_adam(
     ``torch.optim.Adam``. With ``eps_root > 0`` the denominator is ``sqrt(v_hat + eps_root) +
     eps`` (optax's form, which keeps gradients through the step finite). With ``amsgrad=True``
     the running maximum of ``v`` is used (Reddi et al., 2018), as torch does. ``mu_dtype``
-    (optax's option, e.g. ``torch.bfloat16``) stores ``m`` in that dtype; it is computed in
-    the gradients' dtype.
+    (optax's option, e.g. ``torch.bfloat16``) stores ``m`` in that dtype, updated with optax's
+    arithmetic in the wider of the two dtypes.
     """
     _check_moment_args(b1, b2, eps, eps_root)
 

@@ -36,13 +36,15 @@ def _zeros_state(state_type: type, params: PyTree, buffers: int, *rest: Any) -> 
 
 def _decayed_sum(m: torch.Tensor, u: torch.Tensor, decay: Any) -> torch.Tensor:
     """``decay * m + (1 - decay) * u``: ``torch.lerp`` where ``m`` and ``u`` share a dtype; for a
-    moment stored in a narrower dtype (``mu_dtype``) optax's arithmetic, ``(1 - decay) * u +
-    decay * m`` with ``decay * m`` rounded in ``m``'s dtype (``decay`` cast to it first, as JAX
-    casts a Python scalar to the array's dtype), the sum in ``u``'s."""
+    moment stored in another dtype (``mu_dtype``) optax's arithmetic, ``(1 - decay) * u + decay *
+    m`` with each product rounded in its operand's dtype (``decay`` cast to it first, as JAX casts
+    a Python scalar to the array's dtype) and the sum in the wider of the two."""
     if m.dtype == u.dtype:
         return _lerp(m, u, 1 - decay)
-    scaled = m * torch.as_tensor(decay, dtype=m.dtype, device=m.device)
-    return (1 - decay) * u + scaled.to(u.dtype)
+    out = torch.promote_types(m.dtype, u.dtype)
+    scaled_m = m * torch.as_tensor(decay, dtype=m.dtype, device=m.device)
+    scaled_u = u * torch.as_tensor(1 - decay, dtype=u.dtype, device=u.device)
+    return scaled_u.to(out) + scaled_m.to(out)
 
 
 def _ema(average: PyTree, x: PyTree, decay: Any, names: tuple[str, str] | None = None) -> PyTree:

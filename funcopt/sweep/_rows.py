@@ -6,9 +6,10 @@ optimizer is a factory with a fast route (:func:`funcopt.fast.declare`, also thr
 ``functools.partial``) and every configuration's hyperparameters are Python numbers, the step
 runs the route's in-place kernel (``torch._fused_adamw_`` for AdamW) once per configuration,
 on row k of each buffer, with configuration k's hyperparameters as the Python floats the
-kernel takes: the numbers of K separate runs on the fast route. It replaces the generic stacked update, a chain of about 20
-out-of-place ops with ``(K, 1)`` hyperparameter tensors and the chain's per-step Python work
-(measured on the digits MLP, K=16, AdamW: 0.16 ms per step against 0.52 ms).
+kernel takes: the numbers of K separate runs on the fast route. It replaces the generic
+stacked update, a chain of about 20 out-of-place ops with ``(K, 1)`` hyperparameter tensors and
+the chain's per-step Python work (measured on the digits MLP, K=16, AdamW: 0.16 ms per step
+against 0.52 ms).
 
 It runs on the CPU only, and only where the fast routes may run (``funcopt.fast``'s switch,
 no ``torch.func`` transform or ``torch.compile`` tracing); every other step takes the generic
@@ -30,15 +31,12 @@ __all__: list[str] = []
 class RowKernels:
     """Runs one declared kernel per configuration row, in place on the engine's buffers."""
 
-    def __init__(self, fast_path: Any, inputs: list[tuple[dict[str, Any], float]], buffers: dict[str, tuple[int, int]],
-                 unused: list[str], key: str):
+    def __init__(self, fast_path: Any, inputs: list[tuple[dict[str, Any], float]], key: str):
         self.fast_path = fast_path  # configuration 0's: its switch and layout stand for all
         self.kernel = fast_path.route.kernel
         self.needs_first = fast_path.route.needs_first_step
         self.layout = fast_path.layout()
         self.inputs = inputs
-        self.buffers = buffers
-        self.unused = unused
         self.key = key
 
     @staticmethod
@@ -95,7 +93,7 @@ class RowKernels:
         for c in counts:
             if type(c) is not torch.Tensor or c.shape != (k,) or c.dtype != torch.int64 or not bool((c == c[0]).all()):
                 return None
-        return RowKernels(fast_path, inputs, dict(layout.buffers), list(layout.unused), key)
+        return RowKernels(fast_path, inputs, key)
 
     def usable(self) -> bool:
         return self.fast_path.usable()
@@ -111,11 +109,11 @@ class RowKernels:
             first = self.needs_first and int(old) == 0
         else:
             step, first = torch.ones((), dtype=torch.int64), False
-        rows = {name: inner[i][j][self.key] for name, (i, j) in self.buffers.items()}
+        rows = {name: inner[i][j][self.key] for name, (i, j) in layout.buffers.items()}
         kernel = self.kernel
         for k, (h, lr) in enumerate(self.inputs):
             bufs: dict[str, Any] = {name: [t[k]] for name, t in rows.items()}
-            for name in self.unused:
+            for name in layout.unused:
                 bufs[name] = None
             kernel(KernelCall(h, lr, [flat[k]], [grads[k]], bufs, True, True, step, first))
         entries = list(inner)
